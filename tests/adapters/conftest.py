@@ -4,16 +4,7 @@ import pytest
 import torch
 import transformers as tf
 
-
-def tiny_config(arch, **kw):  # TEMP until workers.assets lands
-    c = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=0)
-    if arch == "bert": return tf.BertConfig(**c, **kw)
-    if arch == "roberta": return tf.RobertaConfig(**c, **kw)
-    if arch == "deberta-v2": return tf.DebertaV2Config(**c, **kw)
-    if arch == "llama": return tf.LlamaConfig(**c, num_key_value_heads=2, **kw)
-    if arch == "qwen2": return tf.Qwen2Config(**c, num_key_value_heads=2, **kw)
-    if arch == "gemma3": return tf.Gemma3TextConfig(**c, num_key_value_heads=2, head_dim=8, **kw)
-    if arch == "gpt2": return tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, pad_token_id=0, **kw)
+from workers.assets import tiny_config
 
 ARCHS = ["bert", "roberta", "deberta-v2", "llama", "qwen2", "gemma3", "gpt2"]
 NUM_LABELS = 3
