@@ -9,11 +9,36 @@ Two kinds cover the ten PEFT methods (full fine-tuning needs no layer):
 """
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adapters import selectors
+
+
+class _LastGather(threading.local):
+    """The last x[..., idx] gathered, so that q and v, which read the same hidden states through the
+    same selector (cla, c3la), save one (..., r) tensor between them instead of two."""
+
+    x = out = None
+    version = key = None
+
+
+_last_gather = _LastGather()
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor, key: tuple) -> torch.Tensor:
+    c = _last_gather
+    if c.x is not None and c.x() is x and c.version == x._version and c.key == key:
+        out = c.out()
+        if out is not None:
+            return out
+    out = x.index_select(-1, idx)
+    c.x, c.version, c.key, c.out = weakref.ref(x), x._version, key, weakref.ref(out)
+    return out
 
 
 def _patched_weight(weight: torch.Tensor, cols: torch.Tensor, idx: torch.Tensor, scale: float,
@@ -35,11 +60,13 @@ class _SelectorLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cols, idx, scale: float, replace: bool):
+    def forward(ctx, x, weight, bias, cols, idx, scale: float, replace: bool, idx_key: tuple = ()):
         if ctx.needs_input_grad[1]:
             raise RuntimeError("selector adapters keep the base weight frozen")
         w = _patched_weight(weight, cols, idx, scale, replace)
-        x_idx = x.index_select(-1, idx) if ctx.needs_input_grad[3] else None
+        x_idx = None
+        if ctx.needs_input_grad[3]:   # only B's (or P's) gradient needs the input, and only its r columns
+            x_idx = _gather(x, idx, idx_key) if idx_key else x.index_select(-1, idx)
         ctx.save_for_backward(x_idx, weight, cols, idx)
         ctx.scale, ctx.replace = scale, replace
         return F.linear(x, w, bias)
@@ -58,7 +85,7 @@ class _SelectorLinearFn(torch.autograd.Function):
             grad_cols = grad_cols.to(cols.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_bias, grad_cols, None, None, None
+        return grad_x, None, grad_bias, grad_cols, None, None, None, None
 
 
 class AdapterLayer(nn.Module):
@@ -153,6 +180,7 @@ class SelectorLinear(AdapterLayer):
     @torch.no_grad()
     def set_selector(self, idx: torch.Tensor) -> None:
         self.idx = idx.to(device=self.base_layer.weight.device, dtype=torch.long)
+        self._idx_key = (str(self.idx.device), *idx.tolist())
         if self.columns:
             self.paca_P.copy_(self.base_layer.weight[:, self.idx])
 
@@ -175,4 +203,4 @@ class SelectorLinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _SelectorLinearFn.apply(x, self.base_layer.weight, self.base_layer.bias, self.cols,
-                                       self.idx, self.scale, self.columns)
+                                       self.idx, self.scale, self.columns, self._idx_key)

@@ -117,3 +117,26 @@ def test_selector_layer_matches_its_dense_definition(method):
     g = torch.autograd.grad(layer(x).square().sum(), (x, layer.cols))
     for got, want in zip(g, g_ref):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method,shared", [("cla", True), ("c3la", True), ("r_cla", False)])
+def test_q_and_v_with_one_selector_save_one_gather(method, shared):
+    """q and v read the same hidden states: with the same columns they keep one (..., r) copy."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"q": nn.Linear(M, N_OUT), "v": nn.Linear(M, N_OUT)})
+    apply(model, AdapterConfig(method=method, rank=R, targets=["q", "v"]))
+    x = torch.randn(3, 5, M, requires_grad=True)
+    storages = {}
+
+    def pack(t):
+        if t.shape[-1] == R and t.dim() == 3:
+            storages[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        (model["q"](x) + model["v"](x)).sum().backward()
+    assert len(storages) == (1 if shared else 2)
+    x2 = x.detach().clone().requires_grad_()   # a new input never reuses the old gather
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model["q"](x2).sum().backward()
+    assert len(storages) == (2 if shared else 3)
