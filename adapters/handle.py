@@ -189,6 +189,9 @@ def apply(model: nn.Module, config: AdapterConfig) -> Adapter:
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"apply expects an AdapterConfig, got {type(config).__name__}")
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ValueError("this model already carries sparta adapter layers; merge() or unload() the "
+                         "existing adapter before applying another")
     spec = config.spec
     chosen = [] if spec.layer == "full" else injector.resolve(model, config.targets, config.rank, config.head)
     for p in model.parameters():

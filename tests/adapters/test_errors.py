@@ -63,3 +63,12 @@ def test_explicit_targets_and_regex():
     h = apply(model, AdapterConfig(method="cla", rank=4, targets=r".*layers\.0\.self_attn\.(k|o)_proj"))
     assert sorted(n.rsplit(".", 1)[1] for n in h.layers) == ["k_proj", "o_proj"]
     assert all(".layers.0." in n for n in h.layers)
+
+
+def test_applying_twice_is_refused_until_unloaded():
+    model = tiny_model("bert")
+    h = apply(model, AdapterConfig(method="lora", rank=4))
+    with pytest.raises(ValueError, match="already carries sparta adapter"):
+        apply(model, AdapterConfig(method="cla", rank=4))
+    h.unload()
+    assert apply(model, AdapterConfig(method="cla", rank=4)).num_trainable() == 2 * 2 * 4 * 32
