@@ -57,6 +57,12 @@ def bench_train(
     from pipelines import bench_train as bt
     from pipelines.reports import markdown_train_bench, print_train_bench
 
+    from workers.assets import check_model_name
+
+    try:
+        check_model_name(model)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter("valid: float32, bfloat16", param_hint="--dtype")
     if threads:

@@ -65,3 +65,32 @@ def test_adapter_file_is_small_and_trained_only(encoded, tmp_path):
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
     head = sum(p.numel() for p in h.head_parameters())
     assert size < 4 * (h.num_trainable() + head) + 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "c3la"])
+def test_causal_smollm2_roundtrip_and_merge(method, tmp_path):
+    """The serving model: adapters on a real Llama-family causal LM (GQA v_proj 576 -> 192)."""
+    def smollm2():
+        model, tok = load_model("smollm2-135m", task="causal_lm")
+        return model.eval(), tok
+
+    model, tok = smollm2()
+    enc = tok(["The capital of France is Paris, and the capital of Italy is Rome."], return_tensors="pt")
+    base = logits(model, enc)
+    h = apply(model, AdapterConfig(method=method, rank=16, chain_segments=2))
+    assert {n.rsplit(".", 1)[1] for n in h.layers} == {"q_proj", "v_proj"} and len(h.layers) == 60
+    opt = torch.optim.AdamW(h.param_groups(1e-3))
+    for step in range(1, 3):
+        model(**enc, labels=enc["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 1:
+            h.chain_step(opt)
+    tuned = logits(model, enc)
+    assert (tuned - base).abs().max() > 1e-2
+    h.save(tmp_path)
+    fresh, _ = smollm2()
+    load(fresh, tmp_path)
+    torch.testing.assert_close(logits(fresh, enc), tuned, rtol=0, atol=0)
+    torch.testing.assert_close(logits(h.merge(), enc), tuned, rtol=1e-4, atol=2e-4)

@@ -52,3 +52,9 @@ def test_cli_rejects_unknown_methods():
     result = CliRunner().invoke(app, ["bench", "train", "--methods", "lora,dora"])
     assert result.exit_code != 0
     assert "dora" in result.output and "r_c3la" in result.output
+
+
+def test_cli_rejects_unknown_models_before_building_anything():
+    result = CliRunner().invoke(app, ["bench", "train", "--model", "bert-base-uncased"])
+    assert result.exit_code == 2
+    assert "bert-base-uncased" in result.output and "minilm-l6" in result.output
