@@ -1,1 +1,10 @@
-"""ART decoding, KV policies and kernels (pure PyTorch/Triton; no Ray, no MLflow). Built by the ART issue."""
+"""ART decoding (Attention Run-time Termination), KV policies and kernels: pure PyTorch/Triton, no Ray,
+no MLflow.
+
+    from attention import ARTConfig, decode_attention
+    out, stats = decode_attention(q, k, v, ARTConfig(mode="certified", eps=1e-4))
+"""
+from attention.config import ARTConfig
+from attention.reference import ARTStats, block_key_bounds, decode_attention
+
+__all__ = ["ARTConfig", "ARTStats", "block_key_bounds", "decode_attention"]

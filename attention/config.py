@@ -1,0 +1,78 @@
+"""ARTConfig: how decode attention may stop walking the KV cache (see ../shared/specs/art.md)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+MODES = ("stability", "certified", "off")
+
+
+@dataclass(frozen=True)
+class ARTConfig:
+    """Attention Run-time Termination settings.
+
+    mode: "stability" (the paper's criterion: stop after `patience` consecutive blocks that change the
+        running output by less than `tau` in magnitude and `phi` in direction), "certified" (stop once a
+        bound from per-block key min/max proves the unvisited softmax mass <= `eps`), or "off" (dense).
+    block_size: KV positions per block.
+    tau, phi: relative magnitude change and 1 - cosine thresholds of a stable block.
+    patience: consecutive stable blocks before stopping (stability mode).
+    min_blocks: blocks always visited before any stop is considered.
+    sink_tokens: the first positions (attention sinks); their blocks are visited first, never skipped.
+    recent_blocks: the newest blocks, visited right after the sinks, never skipped.
+    eps: bound on the unvisited softmax mass in certified mode (error <= 2 eps max ||v||).
+    enabled: False is the same as mode="off".
+    """
+
+    mode: str = "stability"
+    block_size: int = 64
+    tau: float = 1e-7
+    phi: float = 1e-3
+    patience: int = 5
+    min_blocks: int = 2
+    sink_tokens: int = 4
+    recent_blocks: int = 1
+    eps: float = 1e-3
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"ARTConfig.mode: unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
+        for name in ("block_size", "patience", "min_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ARTConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("sink_tokens", "recent_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ARTConfig.{name} must be an integer >= 0, got {value!r}")
+        for name in ("tau", "phi"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"ARTConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= float(self.eps) < 1:
+            raise ValueError(f"ARTConfig.eps must be in [0, 1), got {self.eps!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.mode != "off"
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ARTConfig":
+        """A fresh config: "paper" (the reported defaults) or "certified" (eps = 1e-3)."""
+        presets = {
+            "paper": dict(mode="stability", tau=1e-7, phi=1e-3, patience=5),
+            "certified": dict(mode="certified", eps=1e-3),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown ART preset {name!r}; valid: {', '.join(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    def with_overrides(self, **overrides) -> "ARTConfig":
+        unknown = sorted(set(overrides) - set(self.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown ART field(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(self.__dataclass_fields__)}")
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

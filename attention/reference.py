@@ -1,0 +1,207 @@
+"""The reference ART decode attention in PyTorch: the oracle for every faster kernel.
+
+One query token per sequence attends over its KV cache block by block with an online softmax in fp32.
+Blocks are visited sink first, then the newest, then the rest (by certified upper bound, by policy score,
+or newest to oldest); each (sequence, KV head) stops on its own, all query heads of a GQA group together.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attention.config import ARTConfig
+
+STOP_EXHAUSTED, STOP_STABLE, STOP_CERTIFIED = 0, 1, 2
+
+
+@dataclass
+class ARTStats:
+    """Per (sequence, KV head): blocks that held candidate positions, blocks visited, why it stopped
+    (0 walked every candidate, 1 stable, 2 certified) and which blocks were visited (block order)."""
+
+    visited_blocks: torch.Tensor      # (batch, kv_heads) int64
+    candidate_blocks: torch.Tensor    # (batch, kv_heads) int64
+    stop_reason: torch.Tensor         # (batch, kv_heads) int64
+    visited_mask: torch.Tensor        # (batch, kv_heads, n_blocks) bool
+
+    @property
+    def skipped_fraction(self) -> float:
+        total = int(self.candidate_blocks.sum())
+        return 1.0 - int(self.visited_blocks.sum()) / total if total else 0.0
+
+
+def valid_positions(batch: int, length: int, device, key_padding_mask=None, lengths=None) -> torch.Tensor:
+    """(batch, T) bool: which cached positions exist. `lengths` counts valid positions from the start;
+    `key_padding_mask` is True where a position may be attended."""
+    valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=device)
+        if lengths.shape != (batch,) or int(lengths.min()) < 1 or int(lengths.max()) > length:
+            raise ValueError(f"lengths must be ({batch},) integers in [1, {length}], got {lengths.tolist()}")
+        valid &= torch.arange(length, device=device) < lengths[:, None]
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, length):
+            raise ValueError(f"key_padding_mask must be ({batch}, {length}), got {tuple(key_padding_mask.shape)}")
+        valid &= key_padding_mask.to(device=device, dtype=torch.bool)
+    if not bool(valid.any(-1).all()):
+        raise ValueError("every sequence needs at least one valid key position")
+    return valid
+
+
+def _check_shapes(q, k, v) -> tuple[int, int, int, int, int]:
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"q must be (batch, q_heads, 1, head_dim), got {tuple(q.shape)}")
+    if k.dim() != 4 or k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must be (batch, kv_heads, T, head_dim), got {tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, _, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != d or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)} (q_heads must be a multiple "
+                         "of kv_heads)")
+    return b, hq, hkv, t, d
+
+
+def dense_attention(q, k, v, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain SDPA over the valid positions (what ART off returns)."""
+    mask = valid[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def block_key_bounds(k: torch.Tensor, valid: torch.Tensor, block_size: int):
+    """Channel-wise min and max of the keys of each block (Quest's page summaries), fp32,
+    (batch, kv_heads, n_blocks, head_dim); +inf/-inf for blocks without valid positions."""
+    b, h, t, d = k.shape
+    nb = math.ceil(t / block_size)
+    pad = nb * block_size - t
+    kf = F.pad(k.float(), (0, 0, 0, pad)).view(b, h, nb, block_size, d)
+    vb = F.pad(valid, (0, pad)).view(b, 1, nb, block_size, 1)
+    kmin = kf.masked_fill(~vb, math.inf).amin(3)
+    kmax = kf.masked_fill(~vb, -math.inf).amax(3)
+    return kmin, kmax
+
+
+def upper_bounds(q_scaled: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """ub[b, h, g, j] >= every score of block j: sum_c max(q_c kmin_c, q_c kmax_c). q_scaled is
+    (batch, kv_heads, group, d) with the softmax scale folded in."""
+    lo = torch.einsum("bhgd,bhnd->bhgnd", q_scaled, kmin.nan_to_num(posinf=0.0))
+    hi = torch.einsum("bhgd,bhnd->bhgnd", q_scaled, kmax.nan_to_num(neginf=0.0))
+    ub = torch.maximum(lo, hi).sum(-1)
+    empty = torch.isinf(kmin).all(-1)[:, :, None, :]
+    return ub.masked_fill(empty, -math.inf)
+
+
+def visiting_order(cand: torch.Tensor, last_block: torch.Tensor, cfg: ARTConfig,
+                   score: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, n_protected): block indices per (batch, kv_head) in visiting order (sink blocks, then the
+    `recent_blocks` newest, then by descending score, else newest first; blocks without candidates
+    last), and how many candidate blocks are protected (sink + recent) per (batch, kv_head)."""
+    b, h, nb = cand.shape
+    idx = torch.arange(nb, device=cand.device)
+    sink = (idx * cfg.block_size < cfg.sink_tokens)[None, None, :]
+    recent = ((idx[None, :] <= last_block[:, None]) &
+              (idx[None, :] > last_block[:, None] - cfg.recent_blocks))[:, None, :]
+    tier = torch.where(sink, 2, torch.where(recent, 1, 0)).expand(b, h, nb)
+    tier = torch.where(cand, tier, -1)
+    key = (score if score is not None else idx.to(torch.float32).expand(b, h, nb)).float()
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    order = order.gather(-1, torch.sort(tier.gather(-1, order), dim=-1, descending=True, stable=True).indices)
+    return order, (tier >= 1).sum(-1)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ARTConfig,
+                     block_scores: torch.Tensor | None = None, *, key_padding_mask=None, lengths=None,
+                     scale: float | None = None, key_bounds=None) -> tuple[torch.Tensor, ARTStats]:
+    """Decode attention with ART on top of the given KV (already reduced by any KV policy).
+
+    q: (batch, q_heads, 1, d); k, v: (batch, kv_heads, T, d), GQA when q_heads > kv_heads.
+    block_scores: optional (batch, kv_heads, n_blocks) policy scores ordering the non-protected blocks.
+    key_padding_mask (batch, T) True where attendable, or lengths (batch,): ragged batches.
+    key_bounds: optional precomputed (kmin, kmax) from `block_key_bounds` (kept with the cache).
+    Returns the output (batch, q_heads, 1, d) in q's dtype and the per-(sequence, kv head) stats.
+    """
+    b, hq, hkv, t, d = _check_shapes(q, k, v)
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    valid = valid_positions(b, t, k.device, key_padding_mask, lengths)
+    bs = cfg.block_size
+    nb = math.ceil(t / bs)
+    pad = nb * bs - t
+    valid_b = F.pad(valid, (0, pad)).view(b, nb, bs)
+    n_valid = valid_b.sum(-1)                                         # (b, nb)
+    cand = (n_valid > 0)[:, None, :].expand(b, hkv, nb)
+    if not cfg.active:
+        out = dense_attention(q, k, v, valid, scale)
+        n = cand.sum(-1)
+        return out, ARTStats(n, n.clone(), torch.zeros_like(n), cand.clone())
+
+    qs = q.float().view(b, hkv, g, d) * scale
+    kf = F.pad(k.float(), (0, 0, 0, pad)).view(b, hkv, nb, bs, d)
+    vf = F.pad(v.float(), (0, 0, 0, pad)).view(b, hkv, nb, bs, d)
+    ub = None
+    if cfg.mode == "certified":
+        kmin, kmax = key_bounds if key_bounds is not None else block_key_bounds(k, valid, bs)
+        ub = upper_bounds(qs, kmin, kmax)                             # (b, hkv, g, nb)
+        score = ub.amax(2)
+    else:
+        score = block_scores
+        if score is not None and score.shape != (b, hkv, nb):
+            raise ValueError(f"block_scores must be ({b}, {hkv}, {nb}), got {tuple(score.shape)}")
+    last_block = (valid.shape[1] - 1 - valid.flip(-1).int().argmax(-1)) // bs
+    order, n_protected = visiting_order(cand, last_block, cfg, score)
+    need = torch.maximum(n_protected, torch.full_like(n_protected, cfg.min_blocks))
+
+    m = torch.full((b, hkv, g), -math.inf, device=q.device)
+    l = torch.zeros(b, hkv, g, device=q.device)
+    acc = torch.zeros(b, hkv, g, d, device=q.device)
+    o_prev = torch.zeros_like(acc)
+    active = torch.ones(b, hkv, dtype=torch.bool, device=q.device)
+    stable_run = torch.zeros(b, hkv, dtype=torch.long, device=q.device)
+    visited = torch.zeros(b, hkv, dtype=torch.long, device=q.device)
+    visited_mask = torch.zeros(b, hkv, nb, dtype=torch.bool, device=q.device)
+    reason = torch.full((b, hkv), STOP_EXHAUSTED, dtype=torch.long, device=q.device)
+    bi = torch.arange(b, device=q.device)[:, None]
+    hi = torch.arange(hkv, device=q.device)[None, :]
+    n_cand = cand.sum(-1)
+
+    for j in range(nb):
+        blk = order[..., j]                                           # (b, hkv)
+        step = active & cand[bi, hi, blk]
+        if not bool(step.any()):
+            break
+        s = torch.einsum("bhgd,bhtd->bhgt", qs, kf[bi, hi, blk])
+        s = s.masked_fill(~valid_b[bi, blk][:, :, None, :], -math.inf)
+        m_new = torch.maximum(m, s.amax(-1))
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(s - m_new[..., None])
+        l_new = l * alpha + p.sum(-1)
+        acc_new = acc * alpha[..., None] + torch.einsum("bhgt,bhtd->bhgd", p, vf[bi, hi, blk])
+        st = step[..., None]
+        m, l = torch.where(st, m_new, m), torch.where(st, l_new, l)
+        acc = torch.where(st[..., None], acc_new, acc)
+        visited += step
+        visited_mask[bi, hi, blk] |= step
+        o = acc / l[..., None]
+        may_stop = step & (visited >= need) & (visited < n_cand)
+        if cfg.mode == "stability":
+            d_mag = (o - o_prev).norm(dim=-1) / o_prev.norm(dim=-1).clamp_min(1e-30)
+            d_dir = 1.0 - F.cosine_similarity(o, o_prev, dim=-1, eps=1e-30)
+            stable = ((d_mag < cfg.tau) & (d_dir < cfg.phi)).all(-1)   # the whole GQA group
+            # Only blocks beyond the always-visited ones (sink, recent, min_blocks) count toward patience.
+            checked = step & (visited > need)
+            stable_run = torch.where(checked, torch.where(stable, stable_run + 1, 0), stable_run)
+            stop = may_stop & checked & (stable_run >= cfg.patience)
+            reason = torch.where(stop, STOP_STABLE, reason)
+        else:
+            unvisited = (cand & ~visited_mask)[:, :, None, :]
+            rest = (n_valid[:, None, None, :] * torch.exp(ub - m[..., None])).masked_fill(~unvisited, 0.0).sum(-1)
+            stop = may_stop & (rest / (l + rest) <= cfg.eps).all(-1)
+            reason = torch.where(stop, STOP_CERTIFIED, reason)
+        o_prev = torch.where(st[..., None], o, o_prev)
+        active &= ~stop
+
+    out = (acc / l[..., None]).view(b, hq, 1, d).to(q.dtype)
+    return out, ARTStats(visited, n_cand, reason, visited_mask)
