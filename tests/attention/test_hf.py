@@ -1,0 +1,102 @@
+"""ART inside transformers' generate: off equals stock, stats are collected, the model is restored."""
+import pytest
+import torch
+
+from attention import ARTConfig, enable_art
+from workers.assets import load_model
+
+
+def tiny_llm():
+    model, _ = load_model("random:llama-tiny", task="causal_lm", max_position_embeddings=512)
+    return model.eval()
+
+
+def greedy(model, ids, n=12, mask=None):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                              pad_token_id=0)
+
+
+PROMPT = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("cfg", [ARTConfig(mode="off"), ARTConfig(mode="certified", eps=0.0, block_size=16),
+                                 ARTConfig(tau=0.0, phi=0.0, block_size=32)])
+def test_generation_without_truncation_equals_stock(cfg):
+    model = tiny_llm()
+    stock = greedy(model, PROMPT)
+    with enable_art(model, cfg) as art:
+        out = greedy(model, PROMPT)
+        stats = model.art_stats()
+    assert torch.equal(out, stock)
+    layers = model.config.num_hidden_layers
+    assert stats.decode_steps == 11 and len(stats.per_layer) == layers
+    if cfg.active:
+        assert stats.skipped_fraction == 0.0
+        # each decode step sees 200 + step positions: ceil(T / block) blocks per kv head per layer
+        want = sum(-(-(200 + s) // cfg.block_size) for s in range(1, 12)) * layers * model.config.num_key_value_heads
+        assert stats.candidate_blocks == want
+    assert art.stats() == stats
+
+
+def test_truncating_art_skips_blocks_and_leaves_prefill_alone():
+    model = tiny_llm()
+    with torch.no_grad():
+        stock = model(PROMPT).logits[:, -1]
+    cfg = ARTConfig(tau=1.0, phi=1.0, patience=1, min_blocks=1, block_size=16)
+    with enable_art(model, cfg):
+        out = greedy(model, PROMPT, n=4)
+        stats = model.art_stats()
+    assert stats.skipped_fraction > 0.5 and out.shape == (1, 204)
+    with torch.no_grad():   # prefill is untouched by ART
+        torch.testing.assert_close(model(PROMPT).logits[:, -1], stock)
+
+
+def test_left_padded_batches_match_stock():
+    model = tiny_llm()
+    ids = torch.randint(3, 256, (2, 150), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :40], mask[0, :40] = 0, 0
+    stock = greedy(model, ids, mask=mask)
+    with enable_art(model, ARTConfig(mode="certified", eps=0.0, block_size=16)):
+        out = greedy(model, ids, mask=mask)
+    assert torch.equal(out, stock)
+
+
+def test_disable_restores_the_model():
+    model = tiny_llm()
+    before = model.config._attn_implementation
+    session = enable_art(model, ARTConfig())
+    with pytest.raises(ValueError, match="already enabled"):
+        enable_art(model, ARTConfig())
+    session.disable()
+    assert model.config._attn_implementation == before
+    assert not any(hasattr(m, "_sparta_art") for m in model.modules()) and not hasattr(model, "art_stats")
+    assert torch.equal(greedy(model, PROMPT, n=3), greedy(tiny_llm(), PROMPT, n=3))
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown KV policy 'snapkv'; implemented: dense"):
+        enable_art(tiny_llm(), ARTConfig(), policy="snapkv")
+
+
+@pytest.mark.slow
+def test_passkey_in_a_2k_haystack_is_answered_the_same_with_certified_art():
+    from workers.haystack import passkey_prompt
+
+    model, tok = load_model("smollm2-135m", task="causal_lm")
+    model.eval()
+    cfg = ARTConfig(mode="certified", eps=1e-4)
+    answers = []
+    for depth, key in [(0.2, "68194"), (0.5, "30517"), (0.8, "92746")]:
+        enc = tok(passkey_prompt(tok, 1900, depth, key), return_tensors="pt", add_special_tokens=False)
+        assert 1900 < enc["input_ids"].shape[1] < 2100
+        stock = greedy(model, enc["input_ids"], n=14, mask=enc["attention_mask"])
+        with enable_art(model, cfg):
+            art = greedy(model, enc["input_ids"], n=14, mask=enc["attention_mask"])
+            stats = model.art_stats()
+        assert stats.decode_steps == 13 and stats.candidate_blocks > 0
+        n = enc["input_ids"].shape[1]
+        answers.append((tok.decode(stock[0, n:]), tok.decode(art[0, n:]), key))
+    assert [a for a, _, _ in answers] == [b for _, b, _ in answers], answers
+    assert sum(key in a for a, _, key in answers) >= 2, answers   # the model does find the needle
