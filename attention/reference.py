@@ -112,6 +112,53 @@ def visiting_order(cand: torch.Tensor, last_block: torch.Tensor, cfg: ARTConfig,
     return order, (tier >= 1).sum(-1)
 
 
+@dataclass
+class Walk:
+    """Everything a kernel needs to walk the blocks, computed once on the host (shared by the
+    reference and the Triton kernel, so both make the same visiting decisions)."""
+
+    valid: torch.Tensor        # (b, T) bool
+    n_valid: torch.Tensor      # (b, nb) valid positions per block
+    cand: torch.Tensor         # (b, hkv, nb) blocks holding candidate positions
+    order: torch.Tensor        # (b, hkv, nb) visiting order, candidates first
+    need: torch.Tensor         # (b, hkv) blocks always visited (sink, recent, min_blocks)
+    q_scaled: torch.Tensor     # (b, hkv, g, d) fp32 with the softmax scale folded in
+    ub: torch.Tensor | None    # (b, hkv, g, nb) score upper bounds (certified mode)
+    scale: float
+
+
+def plan_walk(q, k, v, cfg: ARTConfig, block_scores=None, key_padding_mask=None, lengths=None,
+              scale: float | None = None, key_bounds=None) -> Walk:
+    b, hq, hkv, t, d = _check_shapes(q, k, v)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    valid = valid_positions(b, t, k.device, key_padding_mask, lengths)
+    bs = cfg.block_size
+    nb = math.ceil(t / bs)
+    n_valid = F.pad(valid, (0, nb * bs - t)).view(b, nb, bs).sum(-1)
+    cand = (n_valid > 0)[:, None, :].expand(b, hkv, nb)
+    qs = q.float().view(b, hkv, hq // hkv, d) * scale
+    ub = None
+    if cfg.mode == "certified":
+        kmin, kmax = key_bounds if key_bounds is not None else block_key_bounds(k, valid, bs)
+        ub = upper_bounds(qs, kmin, kmax)
+        score = ub.amax(2)
+    else:
+        score = block_scores
+        if score is not None and score.shape != (b, hkv, nb):
+            raise ValueError(f"block_scores must be ({b}, {hkv}, {nb}), got {tuple(score.shape)}")
+    last_block = (t - 1 - valid.flip(-1).int().argmax(-1)) // bs
+    order, n_protected = visiting_order(cand, last_block, cfg, score)
+    need = torch.maximum(n_protected, torch.full_like(n_protected, cfg.min_blocks))
+    return Walk(valid, n_valid, cand, order, need, qs, ub, scale)
+
+
+def dense_result(q, k, v, walk: Walk) -> tuple[torch.Tensor, ARTStats]:
+    """ART off: plain SDPA, every candidate block counted as visited."""
+    n = walk.cand.sum(-1)
+    return dense_attention(q, k, v, walk.valid, walk.scale), ARTStats(n, n.clone(), torch.zeros_like(n),
+                                                                      walk.cand.clone())
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ARTConfig,
                      block_scores: torch.Tensor | None = None, *, key_padding_mask=None, lengths=None,
                      scale: float | None = None, key_bounds=None) -> tuple[torch.Tensor, ARTStats]:
@@ -123,36 +170,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ART
     key_bounds: optional precomputed (kmin, kmax) from `block_key_bounds` (kept with the cache).
     Returns the output (batch, q_heads, 1, d) in q's dtype and the per-(sequence, kv head) stats.
     """
-    b, hq, hkv, t, d = _check_shapes(q, k, v)
-    g = hq // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    valid = valid_positions(b, t, k.device, key_padding_mask, lengths)
-    bs = cfg.block_size
-    nb = math.ceil(t / bs)
-    pad = nb * bs - t
-    valid_b = F.pad(valid, (0, pad)).view(b, nb, bs)
-    n_valid = valid_b.sum(-1)                                         # (b, nb)
-    cand = (n_valid > 0)[:, None, :].expand(b, hkv, nb)
+    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds)
     if not cfg.active:
-        out = dense_attention(q, k, v, valid, scale)
-        n = cand.sum(-1)
-        return out, ARTStats(n, n.clone(), torch.zeros_like(n), cand.clone())
-
-    qs = q.float().view(b, hkv, g, d) * scale
+        return dense_result(q, k, v, walk)
+    b, hq, hkv, t, d = _check_shapes(q, k, v)
+    g, bs = hq // hkv, cfg.block_size
+    nb = walk.cand.shape[-1]
+    pad = nb * bs - t
+    valid_b = F.pad(walk.valid, (0, pad)).view(b, nb, bs)
+    n_valid, cand, order, need, qs, ub = walk.n_valid, walk.cand, walk.order, walk.need, walk.q_scaled, walk.ub
     kf = F.pad(k.float(), (0, 0, 0, pad)).view(b, hkv, nb, bs, d)
     vf = F.pad(v.float(), (0, 0, 0, pad)).view(b, hkv, nb, bs, d)
-    ub = None
-    if cfg.mode == "certified":
-        kmin, kmax = key_bounds if key_bounds is not None else block_key_bounds(k, valid, bs)
-        ub = upper_bounds(qs, kmin, kmax)                             # (b, hkv, g, nb)
-        score = ub.amax(2)
-    else:
-        score = block_scores
-        if score is not None and score.shape != (b, hkv, nb):
-            raise ValueError(f"block_scores must be ({b}, {hkv}, {nb}), got {tuple(score.shape)}")
-    last_block = (valid.shape[1] - 1 - valid.flip(-1).int().argmax(-1)) // bs
-    order, n_protected = visiting_order(cand, last_block, cfg, score)
-    need = torch.maximum(n_protected, torch.full_like(n_protected, cfg.min_blocks))
 
     m = torch.full((b, hkv, g), -math.inf, device=q.device)
     l = torch.zeros(b, hkv, g, device=q.device)

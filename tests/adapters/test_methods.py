@@ -4,7 +4,7 @@ import torch
 
 from adapters import METHODS, AdapterConfig, SelectorLinear, apply, chain_boundaries, load
 
-from .conftest import ARCHS, batch, tiny_model
+from .conftest import batch, tiny_model
 
 RANK = 4
 SELECTOR_METHODS = [m for m, s in METHODS.items() if s.layer == "selector"]
