@@ -17,7 +17,25 @@ from attention.config import ARTConfig
 from attention.reference import decode_attention
 
 IMPLEMENTATION = "sparta_art"
-POLICIES = ("dense",)   # KV policies (StreamingLLM, SnapKV, ...) come with the kvpress integration
+# KV policies applied at prefill: kvpress presses (NVIDIA's library; its pinned transformers range loads
+# our models). H2O-style heavy hitters need eager attention weights at prefill and Quest is our certified
+# mode's block bounds, so neither is a press here yet.
+POLICIES = {"dense": None, "streaming": "StreamingLLMPress", "snapkv": "SnapKVPress",
+            "pyramidkv": "PyramidKVPress", "knorm": "KnormPress"}
+
+
+def make_press(policy: str, ratio: float):
+    """The kvpress press for `policy` removing `ratio` of the prefill KV, or None (dense, or ratio 0:
+    an exact no-op)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown KV policy {policy!r}; valid: {', '.join(POLICIES)}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"policy_ratio must be in [0, 1), got {ratio!r}")
+    if POLICIES[policy] is None or ratio == 0.0:
+        return None
+    import kvpress   # imported only here: importing it patches transformers' attention functions
+
+    return getattr(kvpress, POLICIES[policy])(compression_ratio=ratio)
 
 
 @dataclass
@@ -76,10 +94,7 @@ class ARTSession:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-        if policy not in POLICIES:
-            raise ValueError(f"unknown KV policy {policy!r}; implemented: {', '.join(POLICIES)}")
-        if not 0.0 <= policy_ratio < 1.0:
-            raise ValueError(f"policy_ratio must be in [0, 1), got {policy_ratio!r}")
+        press = make_press(policy, policy_ratio)
         layers = _attention_layers(model)
         if not layers:
             raise ValueError(f"{type(model).__name__} has no attention layers ART can drive "
@@ -96,6 +111,9 @@ class ARTSession:
         for m in layers:
             m._sparta_art = _LayerState(config)
         self._final: ARTStatsSummary | None = None
+        self._press_ctx = press(model) if press is not None else None   # kvpress: `with press(model)`
+        if self._press_ctx is not None:
+            self._press_ctx.__enter__()
         model.art_stats = self.stats
 
     def stats(self) -> ARTStatsSummary:
@@ -115,6 +133,8 @@ class ARTSession:
         if self._final is not None:
             return
         self._final = self.stats()
+        if self._press_ctx is not None:
+            self._press_ctx.__exit__(None, None, None)
         for c, impl in self._previous:
             c._attn_implementation = impl
         for m in self._layers:
@@ -131,6 +151,7 @@ class ARTSession:
 
 
 def enable_art(model: nn.Module, config: ARTConfig, policy: str = "dense", policy_ratio: float = 0.0) -> ARTSession:
-    """Decode with ART on `model` (prefill stays on SDPA). Use as `with enable_art(model, cfg): ...` or
-    keep the session and call `disable()`; `model.art_stats()` reads the collected statistics."""
+    """Decode with ART on `model` on top of a KV policy (`POLICIES`; `policy_ratio` of the prefill KV is
+    removed by it); prefill attention stays on SDPA. Use as `with enable_art(model, cfg): ...` or keep
+    the session and call `disable()`; `model.art_stats()` reads the collected statistics."""
     return ARTSession(model, config, policy, policy_ratio)

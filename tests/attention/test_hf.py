@@ -76,8 +76,35 @@ def test_disable_restores_the_model():
 
 
 def test_unknown_policy_is_refused():
-    with pytest.raises(ValueError, match="unknown KV policy 'snapkv'; implemented: dense"):
-        enable_art(tiny_llm(), ARTConfig(), policy="snapkv")
+    with pytest.raises(ValueError, match="unknown KV policy 'h2o'; valid: dense, streaming, snapkv"):
+        enable_art(tiny_llm(), ARTConfig(), policy="h2o")
+    with pytest.raises(ValueError, match="policy_ratio"):
+        enable_art(tiny_llm(), ARTConfig(), policy="snapkv", policy_ratio=1.0)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "pyramidkv"])
+def test_art_on_top_of_a_kv_policy(policy):
+    """The press shrinks what ART walks; with nothing truncated ART equals the press alone."""
+    from attention.hf import make_press
+
+    model = tiny_llm()
+    with make_press(policy, 0.5)(model):
+        pressed = greedy(model, PROMPT)
+    with enable_art(model, ARTConfig(mode="certified", eps=0.0, block_size=16), policy, 0.5):
+        out = greedy(model, PROMPT)
+        stats = model.art_stats()
+    with enable_art(model, ARTConfig(mode="certified", eps=0.0, block_size=16)):
+        greedy(model, PROMPT)
+        dense = model.art_stats()
+    assert torch.equal(out, pressed)
+    assert dense.candidate_blocks * 0.4 < stats.candidate_blocks < dense.candidate_blocks * 0.6
+    assert torch.equal(greedy(model, PROMPT), greedy(tiny_llm(), PROMPT))   # the press is gone again
+
+
+def test_ratio_zero_is_an_exact_no_op():
+    from attention.hf import make_press
+
+    assert make_press("snapkv", 0.0) is None and make_press("dense", 0.5) is None
 
 
 @pytest.mark.slow
