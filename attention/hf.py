@@ -8,6 +8,7 @@ model exactly.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,11 +18,12 @@ from attention.config import ARTConfig
 from attention.reference import decode_attention
 
 IMPLEMENTATION = "sparta_art"
-# KV policies applied at prefill: kvpress presses (NVIDIA's library; its pinned transformers range loads
-# our models). H2O-style heavy hitters need eager attention weights at prefill and Quest is our certified
-# mode's block bounds, so neither is a press here yet.
+# KV policies. Prefill policies are kvpress presses (NVIDIA's library; its pinned transformers range
+# loads our models). Quest is a decode-time policy built on our per-block key bounds: each step keeps
+# the (1 - ratio) best-bounded blocks. H2O-style heavy hitters need eager attention weights at prefill:
+# not offered yet.
 POLICIES = {"dense": None, "streaming": "StreamingLLMPress", "snapkv": "SnapKVPress",
-            "pyramidkv": "PyramidKVPress", "knorm": "KnormPress"}
+            "pyramidkv": "PyramidKVPress", "knorm": "KnormPress", "quest": None}
 
 
 def make_press(policy: str, ratio: float):
@@ -41,6 +43,7 @@ def make_press(policy: str, ratio: float):
 @dataclass
 class _LayerState:
     config: ARTConfig
+    quest_ratio: float = 0.0   # fraction of blocks Quest drops per decode step (0: off)
     visited: int = 0
     candidates: int = 0
     calls: int = 0
@@ -71,7 +74,12 @@ def _art_attention(module, query, key, value, attention_mask, dropout: float = 0
     if attention_mask is not None:   # (batch, 1, 1, T): bool (True = attend) or additive float
         row = attention_mask[:, 0, -1, : key.shape[2]]
         key_mask = row if row.dtype == torch.bool else row == 0
-    out, stats = decode_attention(query, key, value, state.config, key_padding_mask=key_mask, scale=scaling)
+    budget = None
+    if state.quest_ratio:
+        n_blocks = math.ceil(key.shape[2] / state.config.block_size)
+        budget = max(1, math.ceil((1.0 - state.quest_ratio) * n_blocks))
+    out, stats = decode_attention(query, key, value, state.config, key_padding_mask=key_mask, scale=scaling,
+                                  block_budget=budget)
     state.calls += 1
     state.visited += int(stats.visited_blocks.sum())
     state.candidates += int(stats.candidate_blocks.sum())
@@ -108,8 +116,9 @@ class ARTSession:
         self._previous = [(c, c._attn_implementation) for c in _configs(model)]
         for c, _ in self._previous:
             c._attn_implementation = IMPLEMENTATION
+        self._quest_ratio = policy_ratio if policy == "quest" else 0.0
         for m in layers:
-            m._sparta_art = _LayerState(config)
+            m._sparta_art = _LayerState(config, self._quest_ratio)
         self._final: ARTStatsSummary | None = None
         self._press_ctx = press(model) if press is not None else None   # kvpress: `with press(model)`
         if self._press_ctx is not None:
@@ -127,7 +136,7 @@ class ARTSession:
 
     def reset_stats(self) -> None:
         for m in self._layers:
-            m._sparta_art = _LayerState(self.config)
+            m._sparta_art = _LayerState(self.config, self._quest_ratio)
 
     def disable(self) -> None:
         if self._final is not None:

@@ -123,13 +123,18 @@ class Walk:
     order: torch.Tensor        # (b, hkv, nb) visiting order, candidates first
     need: torch.Tensor         # (b, hkv) blocks always visited (sink, recent, min_blocks)
     q_scaled: torch.Tensor     # (b, hkv, g, d) fp32 with the softmax scale folded in
-    ub: torch.Tensor | None    # (b, hkv, g, nb) score upper bounds (certified mode)
+    ub: torch.Tensor | None    # (b, hkv, g, nb) score upper bounds (certified mode, Quest)
     scale: float
+    block_size: int
 
 
 def plan_walk(q, k, v, cfg: ARTConfig, block_scores=None, key_padding_mask=None, lengths=None,
-              scale: float | None = None, key_bounds=None) -> Walk:
+              scale: float | None = None, key_bounds=None, block_budget: int | None = None) -> Walk:
+    """block_budget: the Quest policy, keep only that many blocks per (sequence, KV head), the ones
+    with the highest key-bound score for this query (sink and recent blocks always kept)."""
     b, hq, hkv, t, d = _check_shapes(q, k, v)
+    if block_budget is not None and (isinstance(block_budget, bool) or block_budget < 1):
+        raise ValueError(f"block_budget must be a positive number of blocks, got {block_budget!r}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     valid = valid_positions(b, t, k.device, key_padding_mask, lengths)
     bs = cfg.block_size
@@ -138,39 +143,51 @@ def plan_walk(q, k, v, cfg: ARTConfig, block_scores=None, key_padding_mask=None,
     cand = (n_valid > 0)[:, None, :].expand(b, hkv, nb)
     qs = q.float().view(b, hkv, hq // hkv, d) * scale
     ub = None
-    if cfg.mode == "certified":
+    score = block_scores
+    if score is not None and score.shape != (b, hkv, nb):
+        raise ValueError(f"block_scores must be ({b}, {hkv}, {nb}), got {tuple(score.shape)}")
+    if cfg.mode == "certified" or block_budget is not None:
         kmin, kmax = key_bounds if key_bounds is not None else block_key_bounds(k, valid, bs)
         ub = upper_bounds(qs, kmin, kmax)
-        score = ub.amax(2)
-    else:
-        score = block_scores
-        if score is not None and score.shape != (b, hkv, nb):
-            raise ValueError(f"block_scores must be ({b}, {hkv}, {nb}), got {tuple(score.shape)}")
+        if cfg.mode == "certified" or score is None:
+            score = ub.amax(2)
     last_block = (t - 1 - valid.flip(-1).int().argmax(-1)) // bs
     order, n_protected = visiting_order(cand, last_block, cfg, score)
+    if block_budget is not None:   # Quest: the first `keep` blocks of the order stay candidates
+        keep = torch.clamp(n_protected, min=block_budget)
+        kept = torch.arange(nb, device=k.device) < keep[..., None]
+        cand = cand & torch.zeros_like(kept).scatter(-1, order, kept)
     need = torch.maximum(n_protected, torch.full_like(n_protected, cfg.min_blocks))
-    return Walk(valid, n_valid, cand, order, need, qs, ub, scale)
+    return Walk(valid, n_valid, cand, order, need, qs, ub, scale, bs)
 
 
 def dense_result(q, k, v, walk: Walk) -> tuple[torch.Tensor, ARTStats]:
-    """ART off: plain SDPA, every candidate block counted as visited."""
+    """ART off: plain SDPA over the candidate positions, every candidate block counted as visited."""
     n = walk.cand.sum(-1)
-    return dense_attention(q, k, v, walk.valid, walk.scale), ARTStats(n, n.clone(), torch.zeros_like(n),
-                                                                      walk.cand.clone())
+    stats = ARTStats(n, n.clone(), torch.zeros_like(n), walk.cand.clone())
+    if bool(walk.cand.eq(walk.n_valid[:, None, :] > 0).all()):   # no policy restriction: one mask
+        return dense_attention(q, k, v, walk.valid, walk.scale), stats
+    blk_of = torch.arange(walk.valid.shape[-1], device=k.device) // walk.block_size
+    per_head = walk.valid[:, None, :] & walk.cand[:, :, blk_of]           # (b, hkv, T)
+    mask = per_head.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=walk.scale,
+                                          enable_gqa=q.shape[1] != k.shape[1]), stats
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ARTConfig,
                      block_scores: torch.Tensor | None = None, *, key_padding_mask=None, lengths=None,
-                     scale: float | None = None, key_bounds=None) -> tuple[torch.Tensor, ARTStats]:
+                     scale: float | None = None, key_bounds=None,
+                     block_budget: int | None = None) -> tuple[torch.Tensor, ARTStats]:
     """Decode attention with ART on top of the given KV (already reduced by any KV policy).
 
     q: (batch, q_heads, 1, d); k, v: (batch, kv_heads, T, d), GQA when q_heads > kv_heads.
     block_scores: optional (batch, kv_heads, n_blocks) policy scores ordering the non-protected blocks.
     key_padding_mask (batch, T) True where attendable, or lengths (batch,): ragged batches.
     key_bounds: optional precomputed (kmin, kmax) from `block_key_bounds` (kept with the cache).
+    block_budget: the Quest policy (query-aware block selection from the same key bounds).
     Returns the output (batch, q_heads, 1, d) in q's dtype and the per-(sequence, kv head) stats.
     """
-    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds)
+    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget)
     if not cfg.active:
         return dense_result(q, k, v, walk)
     b, hq, hkv, t, d = _check_shapes(q, k, v)

@@ -118,7 +118,7 @@ def _next_pow2(x: int, at_least: int = 16) -> int:
 
 def decode_attention_triton(q, k, v, cfg: ARTConfig, block_scores=None, *, key_padding_mask=None,
                             lengths=None, scale: float | None = None, key_bounds=None,
-                            num_splits: int = 1) -> tuple[torch.Tensor, ARTStats]:
+                            block_budget: int | None = None, num_splits: int = 1) -> tuple[torch.Tensor, ARTStats]:
     """`decode_attention` with the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1)."""
     if triton is None:
         raise ImportError("the Triton kernel needs `triton` (pip install triton); use "
@@ -126,7 +126,7 @@ def decode_attention_triton(q, k, v, cfg: ARTConfig, block_scores=None, *, key_p
     bs = cfg.block_size
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two block_size >= 16, got {bs}")
-    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds)
+    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget)
     if not cfg.active:
         return dense_result(q, k, v, walk)
     b, hq, hkv, t, d = _check_shapes(q, k, v)

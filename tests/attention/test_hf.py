@@ -1,4 +1,6 @@
 """ART inside transformers' generate: off equals stock, stats are collected, the model is restored."""
+import math
+
 import pytest
 import torch
 
@@ -99,6 +101,21 @@ def test_art_on_top_of_a_kv_policy(policy):
     assert torch.equal(out, pressed)
     assert dense.candidate_blocks * 0.4 < stats.candidate_blocks < dense.candidate_blocks * 0.6
     assert torch.equal(greedy(model, PROMPT), greedy(tiny_llm(), PROMPT))   # the press is gone again
+
+
+def test_quest_keeps_a_budget_of_blocks_per_step():
+    model = tiny_llm()
+    with enable_art(model, ARTConfig(mode="certified", eps=0.0, block_size=16), "quest", 0.75):
+        out = greedy(model, PROMPT)
+        quest = model.art_stats()
+    with enable_art(model, ARTConfig(mode="certified", eps=0.0, block_size=16)):
+        greedy(model, PROMPT)
+        dense = model.art_stats()
+    assert out.shape == (1, 212)
+    heads = model.config.num_hidden_layers * model.config.num_key_value_heads
+    budgets = [math.ceil(0.25 * math.ceil((200 + s) / 16)) for s in range(1, 12)]   # 4 of 13-14 blocks
+    assert quest.candidate_blocks == sum(budgets) * heads == quest.visited_blocks
+    assert dense.candidate_blocks == sum(math.ceil((200 + s) / 16) for s in range(1, 12)) * heads
 
 
 def test_ratio_zero_is_an_exact_no_op():

@@ -173,3 +173,23 @@ def test_bad_shapes_and_lengths():
         decode_attention(q[:, :3], k, v, ARTConfig())
     with pytest.raises(ValueError, match="lengths"):
         decode_attention(q, k, v, ARTConfig(), lengths=torch.tensor([0, 5, 5]))
+
+
+@pytest.mark.parametrize("mode", ["off", "stability", "certified"])
+def test_quest_budget_keeps_the_best_bounded_blocks(mode):
+    """Quest: per (sequence, kv head) only `block_budget` blocks (best key-bound scores, sink and newest
+    always) are candidates; the output is exact attention over them when nothing else is cut."""
+    q, k, v = inputs(t=1024, peaked=True, seed=5)
+    lengths, valid = ragged(3, 1024)
+    cfg = ARTConfig(mode=mode, tau=0.0, phi=0.0, eps=0.0, block_size=64)
+    out, stats = decode_attention(q, k, v, cfg, lengths=lengths, block_budget=5)
+    assert (stats.candidate_blocks == 5).all() and torch.equal(stats.visited_blocks, stats.candidate_blocks)
+    last = (lengths - 1) // 64
+    for b in range(3):
+        assert stats.visited_mask[b, :, 0].all() and stats.visited_mask[b, :, last[b]].all()
+    seen = seen_positions(stats, valid, 64, 4)
+    torch.testing.assert_close(out.double(), exact(q, k, v, seen)[0], rtol=1e-4, atol=5e-5)
+    # the heavy positions are in the sink and newest blocks, so keeping 5 blocks loses almost nothing
+    torch.testing.assert_close(out.double(), exact(q, k, v, valid)[0], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="block_budget"):
+        decode_attention(q, k, v, cfg, block_budget=0)

@@ -42,3 +42,14 @@ def test_block_size_must_suit_the_kernel():
     q, k, v = inputs(t=100)
     with pytest.raises(ValueError, match="power-of-two block_size >= 16"):
         decode_attention_triton(q, k, v, ARTConfig(block_size=24))
+
+
+@pytest.mark.parametrize("mode", ["stability", "certified"])
+def test_kernel_matches_reference_under_a_quest_budget(mode):
+    q, k, v = inputs(t=800, d=32, peaked=True, seed=6)
+    lengths, _ = ragged(3, 800)
+    cfg = ARTConfig(mode=mode, tau=1e-3, phi=1e-2, patience=2, eps=1e-3, block_size=32)
+    want, ref = decode_attention(q, k, v, cfg, lengths=lengths, block_budget=8)
+    got, stats = decode_attention_triton(q, k, v, cfg, lengths=lengths, block_budget=8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+    assert torch.equal(stats.visited_mask, ref.visited_mask) and (stats.candidate_blocks == 8).all()
