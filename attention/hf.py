@@ -9,21 +9,23 @@ model exactly.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from attention import cache as kv_cache
 from attention.config import ARTConfig
-from attention.reference import decode_attention
+from attention.dispatch import decode_attention, resolve
 
 IMPLEMENTATION = "sparta_art"
 # KV policies. Prefill policies are kvpress presses (NVIDIA's library; its pinned transformers range
-# loads our models). Quest is a decode-time policy built on our per-block key bounds: each step keeps
-# the (1 - ratio) best-bounded blocks. H2O-style heavy hitters need eager attention weights at prefill:
-# not offered yet.
+# loads our models). kvpress's H2O (ObservedAttentionPress) needs eager attention weights, so "h2o" is
+# our own press on kvpress's base (attention/h2o_press.py). Quest is a decode-time policy built on our
+# per-block key bounds: each step keeps the (1 - ratio) best-bounded blocks.
 POLICIES = {"dense": None, "streaming": "StreamingLLMPress", "snapkv": "SnapKVPress",
-            "pyramidkv": "PyramidKVPress", "knorm": "KnormPress", "quest": None}
+            "pyramidkv": "PyramidKVPress", "knorm": "KnormPress", "h2o": "H2OPress", "quest": None}
 
 
 def make_press(policy: str, ratio: float):
@@ -35,6 +37,10 @@ def make_press(policy: str, ratio: float):
         raise ValueError(f"policy_ratio must be in [0, 1), got {ratio!r}")
     if POLICIES[policy] is None or ratio == 0.0:
         return None
+    if policy == "h2o":
+        from attention.h2o_press import H2OPress   # imports kvpress
+
+        return H2OPress(compression_ratio=ratio)
     import kvpress   # imported only here: importing it patches transformers' attention functions
 
     return getattr(kvpress, POLICIES[policy])(compression_ratio=ratio)
@@ -44,9 +50,15 @@ def make_press(policy: str, ratio: float):
 class _LayerState:
     config: ARTConfig
     quest_ratio: float = 0.0   # fraction of blocks Quest drops per decode step (0: off)
+    impl: str = "auto"         # attention.dispatch.IMPLS
     visited: int = 0
     candidates: int = 0
     calls: int = 0
+    seconds: float = 0.0       # wall time inside decode attention calls
+    verify: bool = False       # certified mode: check the error bound against exact attention
+    checked: int = 0           # outputs (step x sequence x query head) checked
+    violations: int = 0        # of those, errors above 2 eps max||v||
+    worst: float = 0.0         # largest error / (2 eps max||v||)
 
 
 @dataclass
@@ -56,7 +68,11 @@ class ARTStatsSummary:
     decode_steps: int
     visited_blocks: int
     candidate_blocks: int
+    attention_seconds: float   # wall time of all decode attention calls (every layer, every step)
     per_layer: dict[int, tuple[int, int]] = field(repr=False)   # layer -> (visited, candidates)
+    bound_checked: int = 0     # with verify_bound: certified outputs compared with exact attention
+    bound_violations: int = 0  # of those, errors above 2 eps max||v|| (the certified guarantee)
+    bound_worst: float = 0.0   # largest error / (2 eps max||v||) seen
 
     @property
     def skipped_fraction(self) -> float:
@@ -74,16 +90,75 @@ def _art_attention(module, query, key, value, attention_mask, dropout: float = 0
     if attention_mask is not None:   # (batch, 1, 1, T): bool (True = attend) or additive float
         row = attention_mask[:, 0, -1, : key.shape[2]]
         key_mask = row if row.dtype == torch.bool else row == 0
-    budget = None
+        if bool(key_mask.all()):     # nothing masked: the kernels' unmasked path
+            key_mask = None
+    cfg = state.config
+    if not cfg.active and not state.quest_ratio and not state.verify:
+        # ART off: exactly stock SDPA (the fair baseline), every candidate block counted as visited
+        start = time.perf_counter()
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                        scaling=scaling, **kwargs)
+        state.seconds += time.perf_counter() - start
+        blocks = math.ceil(key.shape[2] / cfg.block_size) * key.shape[0] * key.shape[1]
+        if key_mask is not None:   # blocks holding at least one attendable position
+            pad = blocks // (key.shape[0] * key.shape[1]) * cfg.block_size - key.shape[2]
+            per_block = torch.nn.functional.pad(key_mask, (0, pad)).view(key.shape[0], -1, cfg.block_size).any(-1)
+            blocks = int(per_block.sum()) * key.shape[1]
+        state.calls += 1
+        state.visited += blocks
+        state.candidates += blocks
+        return out, None
+    budget = bounds = None
     if state.quest_ratio:
-        n_blocks = math.ceil(key.shape[2] / state.config.block_size)
+        n_blocks = math.ceil(key.shape[2] / cfg.block_size)
         budget = max(1, math.ceil((1.0 - state.quest_ratio) * n_blocks))
-    out, stats = decode_attention(query, key, value, state.config, key_padding_mask=key_mask, scale=scaling,
-                                  block_budget=budget)
+    start = time.perf_counter()
+    impl = resolve(state.impl, query.device, cfg.block_size)
+    wants_bounds = cfg.uses_bounds or (cfg.active and budget is not None)
+    if impl == "cpu" and cfg.active:   # the lean path: no per-head stats, bounds of new blocks in the kernel
+        from attention.cpu_kernel import decode_step
+
+        kept = kv_cache.key_bounds(key, cfg.block_size, partial=False) if wants_bounds else None
+        out, visited, candidates = decode_step(
+            query, key, value, cfg, scaling if scaling is not None else query.shape[-1] ** -0.5,
+            key_padding_mask=key_mask, key_bounds=kept[:2] if kept else None, bounds_done=kept[2] if kept else None,
+            block_budget=budget)
+    else:
+        if wants_bounds:   # kept with our cache, else computed per step from the keys
+            kept = kv_cache.key_bounds(key, cfg.block_size)
+            bounds = tuple(x[:, :, : kept[2]] for x in kept[:2]) if kept else None
+        out, stats = decode_attention(query, key, value, cfg, impl=impl, key_padding_mask=key_mask,
+                                      scale=scaling, key_bounds=bounds, block_budget=budget)
+        out = out.transpose(1, 2)
+        visited, candidates = int(stats.visited_blocks.sum()), int(stats.candidate_blocks.sum())
+    state.seconds += time.perf_counter() - start
+    if state.verify and cfg.mode == "certified":
+        _check_bound(state, query, key, value, key_mask, scaling, bounds, budget, impl)
     state.calls += 1
-    state.visited += int(stats.visited_blocks.sum())
-    state.candidates += int(stats.candidate_blocks.sum())
-    return out.transpose(1, 2).contiguous(), None
+    state.visited += visited
+    state.candidates += candidates
+    return out.contiguous(), None
+
+
+def _check_bound(state: _LayerState, query, key, value, key_mask, scale, bounds, budget, impl) -> None:
+    """Certified mode's guarantee on this call, in fp32 (outside the timed part): the ART output is within
+    2 eps max||v|| of exact attention over the same candidates (the whole cache without a Quest budget)."""
+
+    cfg = state.config
+    q, k, v = query.float(), key.float(), value.float()
+    out, _ = decode_attention(q, k, v, cfg, impl=impl, key_padding_mask=key_mask, scale=scale, key_bounds=bounds,
+                              block_budget=budget)
+    exact, _ = decode_attention(q, k, v, cfg.with_overrides(mode="off"), impl=impl, key_padding_mask=key_mask,
+                                scale=scale, key_bounds=bounds, block_budget=budget)
+    err = (out - exact).norm(dim=-1).squeeze(-1)                       # (batch, q_heads)
+    vnorm = v.norm(dim=-1)
+    if key_mask is not None:
+        vnorm = vnorm.masked_fill(~key_mask[:, None, :], 0.0)
+    vmax = vnorm.amax(-1).repeat_interleave(q.shape[1] // k.shape[1], 1)
+    ratio = err / (2 * cfg.eps * vmax).clamp_min(1e-30)
+    state.checked += ratio.numel()
+    state.violations += int((ratio > 1.0).sum())
+    state.worst = max(state.worst, float(ratio.max()))
 
 
 def _attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -98,10 +173,12 @@ def _configs(model: nn.Module) -> list:
 class ARTSession:
     """ART enabled on a model; a context manager that restores the model on exit (or call `disable`)."""
 
-    def __init__(self, model: nn.Module, config: ARTConfig, policy: str = "dense", policy_ratio: float = 0.0):
+    def __init__(self, model: nn.Module, config: ARTConfig, policy: str = "dense", policy_ratio: float = 0.0,
+                 impl: str = "auto", verify_bound: bool = False):
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+        resolve(impl, torch.device("cpu"), config.block_size)   # an unknown name fails here, before any change
         press = make_press(policy, policy_ratio)
         layers = _attention_layers(model)
         if not layers:
@@ -117,8 +194,9 @@ class ARTSession:
         for c, _ in self._previous:
             c._attn_implementation = IMPLEMENTATION
         self._quest_ratio = policy_ratio if policy == "quest" else 0.0
+        self._impl, self._verify = impl, verify_bound
         for m in layers:
-            m._sparta_art = _LayerState(config, self._quest_ratio)
+            m._sparta_art = _LayerState(config, self._quest_ratio, impl, verify=verify_bound)
         self._final: ARTStatsSummary | None = None
         self._press_ctx = press(model) if press is not None else None   # kvpress: `with press(model)`
         if self._press_ctx is not None:
@@ -132,11 +210,15 @@ class ARTSession:
         return ARTStatsSummary(
             decode_steps=max((m._sparta_art.calls for m in self._layers), default=0),
             visited_blocks=sum(v for v, _ in per_layer.values()),
-            candidate_blocks=sum(c for _, c in per_layer.values()), per_layer=per_layer)
+            candidate_blocks=sum(c for _, c in per_layer.values()),
+            attention_seconds=sum(m._sparta_art.seconds for m in self._layers), per_layer=per_layer,
+            bound_checked=sum(m._sparta_art.checked for m in self._layers),
+            bound_violations=sum(m._sparta_art.violations for m in self._layers),
+            bound_worst=max((m._sparta_art.worst for m in self._layers), default=0.0))
 
     def reset_stats(self) -> None:
         for m in self._layers:
-            m._sparta_art = _LayerState(self.config, self._quest_ratio)
+            m._sparta_art = _LayerState(self.config, self._quest_ratio, self._impl, verify=self._verify)
 
     def disable(self) -> None:
         if self._final is not None:
@@ -159,8 +241,14 @@ class ARTSession:
         self.disable()
 
 
-def enable_art(model: nn.Module, config: ARTConfig, policy: str = "dense", policy_ratio: float = 0.0) -> ARTSession:
+def enable_art(model: nn.Module, config: ARTConfig, policy: str = "dense", policy_ratio: float = 0.0,
+               impl: str = "auto", verify_bound: bool = False) -> ARTSession:
     """Decode with ART on `model` on top of a KV policy (`POLICIES`; `policy_ratio` of the prefill KV is
     removed by it); prefill attention stays on SDPA. Use as `with enable_art(model, cfg): ...` or keep
-    the session and call `disable()`; `model.art_stats()` reads the collected statistics."""
-    return ARTSession(model, config, policy, policy_ratio)
+    the session and call `disable()`; `model.art_stats()` reads the collected statistics.
+    impl: the decode kernel ("auto": the CPU kernel on CPU, Triton on CUDA; or "reference").
+    Decoding from `attention.new_cache(model)` (pass it as `past_key_values`) appends in place and keeps
+    the per-block key summaries that certified mode and Quest need, instead of recomputing them.
+    verify_bound: in certified mode, also check every decode call's output against exact fp32 attention
+    (error <= 2 eps max||v||) and count violations in `art_stats()` (slow: for evaluation, not serving)."""
+    return ARTSession(model, config, policy, policy_ratio, impl, verify_bound)

@@ -146,7 +146,7 @@ def plan_walk(q, k, v, cfg: ARTConfig, block_scores=None, key_padding_mask=None,
     score = block_scores
     if score is not None and score.shape != (b, hkv, nb):
         raise ValueError(f"block_scores must be ({b}, {hkv}, {nb}), got {tuple(score.shape)}")
-    if cfg.mode == "certified" or block_budget is not None:
+    if cfg.uses_bounds or block_budget is not None:
         kmin, kmax = key_bounds if key_bounds is not None else block_key_bounds(k, valid, bs)
         ub = upper_bounds(qs, kmin, kmax)
         if cfg.mode == "certified" or score is None:
@@ -174,6 +174,24 @@ def dense_result(q, k, v, walk: Walk) -> tuple[torch.Tensor, ARTStats]:
                                           enable_gqa=q.shape[1] != k.shape[1]), stats
 
 
+def dense_off(q, k, v, cfg: ARTConfig, key_padding_mask=None, lengths=None, scale=None):
+    """ART off without a Quest budget: one SDPA call (no mask when nothing is masked, so SDPA keeps its
+    fast GQA path) and stats that count every candidate block as visited."""
+    b, hq, hkv, t, d = _check_shapes(q, k, v)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nb = math.ceil(t / cfg.block_size)
+    if key_padding_mask is None and lengths is None:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=hq != hkv)
+        cand = torch.ones(b, hkv, nb, dtype=torch.bool, device=q.device)
+    else:
+        valid = valid_positions(b, t, k.device, key_padding_mask, lengths)
+        out = dense_attention(q, k, v, valid, scale)
+        per_block = F.pad(valid, (0, nb * cfg.block_size - t)).view(b, nb, cfg.block_size).any(-1)
+        cand = per_block[:, None, :].expand(b, hkv, nb).clone()
+    n = cand.sum(-1)
+    return out, ARTStats(n, n.clone(), torch.zeros_like(n), cand)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ARTConfig,
                      block_scores: torch.Tensor | None = None, *, key_padding_mask=None, lengths=None,
                      scale: float | None = None, key_bounds=None,
@@ -187,6 +205,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ART
     block_budget: the Quest policy (query-aware block selection from the same key bounds).
     Returns the output (batch, q_heads, 1, d) in q's dtype and the per-(sequence, kv head) stats.
     """
+    if not cfg.active and block_budget is None:
+        return dense_off(q, k, v, cfg, key_padding_mask, lengths, scale)
     walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget)
     if not cfg.active:
         return dense_result(q, k, v, walk)

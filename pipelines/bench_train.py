@@ -21,6 +21,7 @@ from torch import nn
 
 from adapters import METHODS, AdapterConfig, apply
 from adapters.targets import default_targets
+from pipelines.reports import Verdict
 from workers.assets import load_model
 
 MiB = 2**20
@@ -298,13 +299,6 @@ def summarize(rows: list[Row]) -> list[Result]:
 
 
 # -- verdicts --------------------------------------------------------------------------------------
-@dataclass
-class Verdict:
-    target: str
-    measured: str
-    met: bool
-
-
 def verdicts(results: list[Result], rank: int, in_width: int) -> list[Verdict]:
     """The issue's targets, checked on this run's numbers."""
     by = {r.name: r for r in results}

@@ -82,5 +82,78 @@ def bench_train(
     console.print(f"CSV: {path}  (markdown: {path.with_suffix('.md')}, run metadata: {path.with_suffix('.json')})")
 
 
+def _parse_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"give a comma list of integers, got {text!r}", param_hint=option) from None
+    if not values:
+        raise typer.BadParameter("give at least one value", param_hint=option)
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+# BenchDecodeConfig field -> the option that sets it
+_DECODE_OPTIONS = {"policies": "--policies", "contexts": "--contexts", "batches": "--batch", "art": "--art",
+                   "policy_ratio": "--policy-ratio", "prompts": "--prompts", "new_tokens": "--new-tokens",
+                   "rounds": "--rounds", "dtype": "--dtype"}
+
+
+@bench_app.command("decode")
+def bench_decode(
+    model: str = typer.Option("smollm2-135m", help="model alias, HF folder or random:<arch>-tiny (a causal LM)"),
+    policies: str = typer.Option("dense,streaming,snapkv", help="comma list of KV policies (attention.hf.POLICIES)"),
+    contexts: str = typer.Option("1024,2048,4096", help="comma list of prompt lengths in tokens"),
+    batch: str = typer.Option("1,4,16", help="comma list of decode batch sizes"),
+    art: str = typer.Option("tuned,certified", help="comma list of ART presets (paper, certified, tuned, aggressive), each optionally with overrides, e.g. tuned+tau=3e-3+block_size=32; one row each per policy"),
+    policy_ratio: float = typer.Option(0.5, help="fraction of the KV a policy removes"),
+    prompts: int = typer.Option(4, help="distinct passkey prompts per context (prefilled together)"),
+    new_tokens: int = typer.Option(12, help="greedy tokens per sequence (the prefill's first one included)"),
+    rounds: int = typer.Option(2, help="round-robin rounds over the rows of each context x batch"),
+    dtype: str = typer.Option("bfloat16", help="float32 or bfloat16"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)"),
+    seed: int = typer.Option(0, help="seeds passkeys and haystack offsets"),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="default bench-results/decode-<model>.csv"),
+) -> None:
+    """Decode tokens/s and attention time of KV policies with and without ART vs stock generate."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipelines import bench_decode as bd
+    from workers.assets import check_model_name
+
+    try:
+        check_model_name(model)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
+    try:
+        cfg = bd.BenchDecodeConfig(model=model, policies=_names(policies), contexts=_parse_ints(contexts, "--contexts"),
+                                   batches=_parse_ints(batch, "--batch"), art=_names(art), policy_ratio=policy_ratio,
+                                   prompts=prompts, new_tokens=new_tokens, rounds=rounds, dtype=dtype, seed=seed)
+    except bd.ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint=_DECODE_OPTIONS.get(e.field, e.field)) from None
+    import torch
+
+    from pipelines.reports import markdown_decode_bench, plot_decode_bench, print_decode_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=1)
+        report = bd.run(cfg, lambda msg, i, n: bar.update(task, description=msg, completed=i, total=n))
+    path = csv_path or Path("bench-results") / f"decode-{model.replace(':', '_').replace('/', '_')}.csv"
+    bd.write_csv(path, report)
+    path.with_suffix(".md").write_text(markdown_decode_bench(report) + "\n")
+    plot_decode_bench(report, path.with_suffix(".png"))
+    print_decode_bench(console, report)
+    console.print(f"CSV: {path}  (markdown: {path.with_suffix('.md')}, plot: {path.with_suffix('.png')}, "
+                  f"run metadata: {path.with_suffix('.json')})")
+
+
 if __name__ == "__main__":
     app()

