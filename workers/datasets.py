@@ -11,6 +11,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from workers.assets import cache_dir
 
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
@@ -152,3 +154,141 @@ def load_task(name: str, seed: int = 0, max_examples: int | None = None) -> Task
         examples = examples[:max_examples]
     train, validation, test = _cut(examples)
     return TaskData(name, list(task.labels), train, validation, test)
+
+
+# -- framing: examples as model inputs -------------------------------------------------------------
+# Encoders read a task as sequence classification; causal LMs as generation: the prompt states the
+# task and the model writes the label as text ("Review: ... \nSentiment: negative").
+@dataclass(frozen=True)
+class Prompt:
+    """How a task reads as text: an instruction, the name of the input and the name of the answer."""
+
+    instruction: str
+    input_name: str = "Input"
+    answer_name: str = "Answer"
+
+
+PROMPTS: dict[str, Prompt] = {
+    "multiemo": Prompt("What is the sentiment of this review?", "Review", "Sentiment"),
+    "multiemo-binary": Prompt("What is the sentiment of this review?", "Review", "Sentiment"),
+    "strategyqa": Prompt("Answer the question.", "Question", "Answer"),
+    "vitaminc": Prompt("Does the passage support the claim?", "Passage", "Answer"),
+}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, for the tiny random models (vocabulary 256), which have no tokenizer.
+    0 is padding, 1 begins and 2 ends a text; byte b is id b + 3 (UTF-8 never uses bytes 253-255)."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False, truncation: bool = False,
+               max_length: int | None = None) -> list[int]:
+        ids = [b + 3 for b in text.encode("utf-8")]
+        if add_special_tokens:
+            ids = [self.bos_token_id, *ids]
+        return ids[:max_length] if truncation and max_length else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+
+
+def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r))
+                         for r in rows])
+
+
+class ClassificationFraming:
+    """Texts as token ids for a sequence-classification head: truncated to `max_length`, right-padded."""
+
+    kind = "classification"
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tok, self.max_length = tokenizer, max_length
+
+    def batch(self, examples: list[Example]) -> dict:
+        rows = [self.tok.encode(e.text, add_special_tokens=True, truncation=True, max_length=self.max_length)
+                for e in examples]
+        ids = _pad(rows, self.tok.pad_token_id)
+        mask = _pad([[1] * len(r) for r in rows], 0)
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.label for e in examples])}
+
+
+class GenerationFraming:
+    """A classification task as text generation for a causal LM.
+
+    The prompt is the tokenizer's chat template around "<instruction> Answer with one of: a, b.\\n\\n
+    <Input name>: <text>" when the tokenizer has one, else the plain pattern "<instruction> ...\\n\\n
+    <Input name>: <text>\\n<Answer name>:". The target is the label's name and the end-of-text token;
+    the loss is taken on the target tokens only. The review text is cut (from its end) so that the
+    prompt plus the longest target fit in `max_length` tokens; the cut never depends on the true label.
+    A generation is scored by exact match with a label name after strip() and lower().
+    """
+
+    kind = "generation"
+    _SLOT = "\x00TEXT\x00"
+
+    def __init__(self, tokenizer, task: TaskData, max_length: int):
+        self.tok, self.task, self.max_length = tokenizer, task, max_length
+        prompt = PROMPTS.get(task.name, Prompt("Classify the input."))
+        instruction = f"{prompt.instruction} Answer with one of: {', '.join(task.label_names)}."
+        user = f"{instruction}\n\n{prompt.input_name}:{self._SLOT}"
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        if self.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": user}],
+                                                 add_generation_prompt=True, tokenize=False)
+            label_prefix = ""
+        else:
+            text = f"{user}\n{prompt.answer_name}:"
+            label_prefix = " "
+        before, after = text.split(self._SLOT)
+        # A chat template writes its own special tokens; the plain pattern takes the tokenizer's (bos).
+        self.prefix = tokenizer.encode(before, add_special_tokens=not self.chat)
+        self.suffix = tokenizer.encode(after, add_special_tokens=False)
+        self.targets = [tokenizer.encode(label_prefix + name, add_special_tokens=False) + [tokenizer.eos_token_id]
+                        for name in task.label_names]
+        self.max_new_tokens = max(len(t) for t in self.targets)
+        self.text_budget = max_length - len(self.prefix) - len(self.suffix) - self.max_new_tokens
+        if self.text_budget < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for the text: the prompt takes "
+                             f"{len(self.prefix) + len(self.suffix)} tokens and the longest label "
+                             f"{self.max_new_tokens}")
+
+    def prompt_ids(self, text: str) -> list[int]:
+        # The leading space keeps the text's first word tokenised as it is inside a sentence.
+        body = self.tok.encode(" " + text, add_special_tokens=False)[:self.text_budget]
+        return self.prefix + body + self.suffix
+
+    def batch(self, examples: list[Example]) -> dict:
+        """Teacher-forced prompt + target for a causal LM's forward. Left-padded, so every target ends
+        at the last position: `logits_to_keep` limits the LM head (a fifth of SmolLM2's compute) to the
+        positions that predict a target token, and `labels` covers those positions only."""
+        rows, labels = [], []
+        for e in examples:
+            p, t = self.prompt_ids(e.text), self.targets[e.label]
+            rows.append(p + t)
+            labels.append([-100] * len(p) + t)
+        keep = self.max_new_tokens + 1
+        batch = self._left_padded(rows)
+        # Positions count real tokens only, so a padded row computes what it would alone.
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return {**batch, "labels": _pad(labels, -100, left=True)[:, -keep:], "logits_to_keep": keep}
+
+    def prompts(self, examples: list[Example]) -> dict:
+        """Prompts alone, left-padded, for `generate` (which derives positions from the mask)."""
+        return self._left_padded([self.prompt_ids(e.text) for e in examples])
+
+    def _left_padded(self, rows: list[list[int]]) -> dict:
+        return {"input_ids": _pad(rows, self.tok.pad_token_id, left=True),
+                "attention_mask": _pad([[1] * len(r) for r in rows], 0, left=True)}
+
+    def parse(self, generated_ids) -> int:
+        """The label index whose name the generation spells (strip, lower), or -1."""
+        ids = [int(i) for i in generated_ids]
+        if self.tok.eos_token_id in ids:
+            ids = ids[:ids.index(self.tok.eos_token_id)]
+        answer = self.tok.decode(ids, skip_special_tokens=True).strip().lower()
+        names = [n.strip().lower() for n in self.task.label_names]
+        return names.index(answer) if answer in names else -1

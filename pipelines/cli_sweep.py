@@ -1,0 +1,149 @@
+"""`sparta sweep ...`: run a sweep locally or on a Ray cluster, follow it, resume it, read its table."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Fine-tuning sweeps: Ray Tune x Ray Train x DeepSpeed, tracked in MLflow.",
+                  no_args_is_help=True)
+
+ADDRESS = typer.Option(None, "--address", help="a Ray cluster's dashboard, e.g. http://HEAD:8265 (default: run here)")
+TRACKING = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+
+
+def _load(spec_path: Path):
+    from pipelines.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path)
+    except SpecError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    except FileNotFoundError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+class Progress:
+    """A live line per sweep: trials done / running / pending, failures, best so far."""
+
+    def __init__(self, total: int, console):
+        from rich.live import Live
+
+        self.total, self.console = total, console
+        self.live = Live(self._render({}), console=console, refresh_per_second=2, transient=False)
+
+    def _render(self, records):
+        from rich.table import Table
+
+        done = sum(r.status == "FINISHED" for r in records.values())
+        failed = sum(r.status == "FAILED" for r in records.values())
+        running = sum(r.status == "RUNNING" for r in records.values())
+        best, best_key = None, "-"
+        for key, r in records.items():
+            metric = r.final.get("metric")
+            value = r.final.get(f"val_{metric}") if metric else None
+            if isinstance(value, (int, float)) and (best is None or value > best):
+                best, best_key = value, f"{key} (val {metric} {value:.3f})"
+        table = Table.grid(padding=(0, 2))
+        table.add_row(f"[bold]trials[/] {done + failed}/{self.total} done", f"{running} running",
+                      f"{self.total - done - failed - running} pending", f"[red]{failed} failed[/]" if failed else "",
+                      f"best so far: {best_key}")
+        return table
+
+    def __call__(self, records):
+        self.live.update(self._render(records))
+
+
+@app.command("run")
+def run(spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="the sweep's YAML spec"),
+        address: Optional[str] = ADDRESS, tracking_uri: Optional[str] = TRACKING,
+        storage: Optional[Path] = typer.Option(None, help="where Tune keeps state and checkpoints (default ./sweeps)")) -> None:
+    """Run a sweep: here (starts Ray locally), or as a Ray Job on the cluster at --address."""
+    parsed = _load(spec)   # a bad spec fails here, before Ray starts
+    if address:
+        from pipelines import jobs
+
+        job = jobs.submit(spec, address, tracking_uri)
+        typer.echo(f"submitted sweep {parsed.experiment!r} as Ray Job {job}\n"
+                   f"follow it: sparta sweep status {job} --address {address}  |  sparta sweep logs {job} --address {address}")
+        return
+    _run_here(parsed, spec, tracking_uri, storage, resume=False)
+
+
+@app.command("resume")
+def resume(experiment: str = typer.Argument(..., help="the experiment name of an interrupted sweep"),
+           tracking_uri: Optional[str] = TRACKING, storage: Optional[Path] = typer.Option(None)) -> None:
+    """Continue an interrupted sweep (Tune restore): finished trials are kept, the rest run."""
+    import json
+
+    from pipelines.sweep import STATE_FILE, sweep_storage
+
+    state_file = sweep_storage(experiment, storage) / STATE_FILE
+    if not state_file.exists():
+        typer.secho(f"no sweep {experiment!r} to resume under {state_file.parent}", fg="red", err=True)
+        raise typer.Exit(2)
+    state = json.loads(state_file.read_text())
+    parsed = _load(Path(state["spec"]))
+    _run_here(parsed, Path(state["spec"]), tracking_uri or state["tracking_uri"], storage, resume=True)
+
+
+def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> None:
+    from rich.console import Console
+
+    from pipelines.summary import render
+    from pipelines.sweep import run_sweep
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    progress = Progress(len(parsed.trials()), console)
+    with progress.live:
+        outcome = run_sweep(parsed, spec_path, tracking_uri=tracking_uri, storage_root=storage, resume=resume,
+                            on_progress=progress)
+    console.print(render(outcome.summary, "table"))
+    for reg in outcome.registered:
+        console.print(f"registered {reg.uri} ({reg.method}, {reg.trial_key})")
+    console.print(f"sweep {outcome.experiment!r} done in {outcome.wall_s:.0f} s. Browse it in MLflow: "
+                  f"[bold]sparta ui[/] then http://127.0.0.1:5000")
+
+
+@app.command("status")
+def status(job_id: str, address: str = typer.Option(..., "--address")) -> None:
+    """The state of a sweep submitted as a Ray Job."""
+    from pipelines import jobs
+
+    typer.echo(jobs.status(job_id, address))
+
+
+@app.command("logs")
+def logs(job_id: str, address: str = typer.Option(..., "--address")) -> None:
+    """The driver's output of a sweep submitted as a Ray Job."""
+    from pipelines import jobs
+
+    typer.echo(jobs.logs(job_id, address))
+
+
+@app.command("stop")
+def stop(job_id: str, address: str = typer.Option(..., "--address")) -> None:
+    """Stop a sweep submitted as a Ray Job."""
+    from pipelines import jobs
+
+    typer.echo("stopped" if jobs.stop(job_id, address) else "not running")
+
+
+@app.command("results")
+def results(experiment: str, fmt: str = typer.Option("table", "--format", help="table, csv or markdown"),
+            tracking_uri: Optional[str] = TRACKING) -> None:
+    """The comparison table of a sweep (mean +- std over seeds per model x dataset x method)."""
+    from pipelines.summary import render, results_table
+
+    if fmt not in ("table", "csv", "markdown"):
+        raise typer.BadParameter("valid: table, csv, markdown", param_hint="--format")
+    try:
+        df = results_table(experiment, tracking_uri)
+    except ValueError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(render(df, fmt))

@@ -1,0 +1,271 @@
+"""The sweep driver: Ray Tune over trials, each trial a Ray Train `TorchTrainer` running
+`workers.ray_trial.train_loop_per_worker`; MLflow (pipelines.tracking) records everything from here.
+
+Tune's trainable is a small function that builds and fits the TorchTrainer (Ray Train v2 runs inside a
+Tune function trainable and reports through `TuneReportCallback`); it reserves almost no CPU itself, the
+trial's workers hold the real resources. The driver's Tune callbacks collect every report, log each
+finished trial as an MLflow child run with its adapter, and show live progress.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+STATE_FILE = "sparta_sweep.json"   # beside Tune's state: the spec, the MLflow parent run, the tracking URI
+DRIVER_CPU = 0.01                  # what a trial's Tune trainable holds besides its Ray Train workers
+
+
+def ray_env() -> dict[str, str]:
+    """Environment Ray needs here: loopback only (Ray would bind the interface address otherwise), no
+    usage stats, offline model loading, DeepSpeed on the CPU when there is no GPU."""
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("SPARTA_CACHE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "MLFLOW_TRACKING_URI"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (`address`, or RAY_ADDRESS when running as a Ray Job) or start Ray locally."""
+    import ray
+
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": ray_env()},
+                 log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": ray_env()}, log_to_driver=False)
+
+
+# -- the trial: Tune trainable -> TorchTrainer -----------------------------------------------------
+def run_trial(config: dict) -> None:
+    """Tune's trainable for one trial: fit a TorchTrainer whose workers run the training loop."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workers.ray_trial import train_loop_per_worker
+
+    res = config["resources"]
+    gpus = res.get("gpus_per_worker", 0)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config["train"],
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.get("workers_per_trial", 1), use_gpu=gpus > 0,
+            resources_per_worker={"CPU": res.get("cpus_per_worker", 1), **({"GPU": gpus} if gpus else {})}),
+        run_config=ray.train.RunConfig(
+            name=config["run_name"], storage_path=config["storage_path"],
+            failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 1)),
+            callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+# -- the driver ------------------------------------------------------------------------------------
+@dataclass
+class TrialRecord:
+    params: dict
+    history: list[dict] = field(default_factory=list)
+    status: str = "PENDING"
+    checkpoint: str | None = None
+    run_id: str | None = None
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+REPORT_KEYS_DROPPED = ("checkpoint_path", "config", "trial_id", "experiment_id", "date", "timestamp", "pid",
+                       "hostname", "node_ip", "time_this_iter_s", "time_total_s", "time_since_restore",
+                       "iterations_since_restore", "training_iteration", "timesteps_total", "episodes_total",
+                       "done", "should_checkpoint", "timesteps_since_restore")
+
+
+def _metrics_of(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in REPORT_KEYS_DROPPED and isinstance(v, (int, float, str))}
+
+
+def _adapter_dir(checkpoint: str | None) -> Path | None:
+    if not checkpoint:
+        return None
+    folder = Path(checkpoint)
+    for candidate in (folder / "adapter", folder):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    return None
+
+
+def param_space(spec, storage: Path) -> dict:
+    """One grid entry per trial of the spec: its params (for MLflow), its training config, resources."""
+    from ray import tune
+
+    trials = []
+    for trial in spec.trials():
+        trials.append({"params": trial, "train": spec.trial_config(trial),
+                       "run_name": "trial-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in trial["trial_key"]),
+                       "storage_path": str(storage / "trials"), "resources": spec.resources.model_dump(),
+                       "max_failures": spec.max_failures})
+    return {"trial": tune.grid_search(trials)}
+
+
+def _flatten(config: dict) -> dict:
+    return config["trial"] if "trial" in config else config
+
+
+def _trainable():
+    from ray import tune
+
+    return tune.with_resources(lambda config: run_trial(_flatten(config)), {"cpu": DRIVER_CPU})
+
+
+def tune_config(spec):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sched = spec.scheduler
+    if sched.type == "asha":
+        scheduler = ASHAScheduler(metric=sched.metric, mode=sched.mode, grace_period=sched.grace_period,
+                                  reduction_factor=sched.reduction_factor, max_t=sched.max_t,
+                                  time_attr="step")
+    else:
+        scheduler = FIFOScheduler()
+    return tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=spec.max_concurrent)
+
+
+# Callbacks are pickled with Tune's experiment state, so they carry only a key into this registry of the
+# live driver's objects (a resumed driver registers its own under the same key).
+_DRIVERS: dict[str, tuple] = {}
+
+
+def _callback(key: str):
+    from ray.tune import Callback
+
+    class SweepCallback(Callback):
+        """Driver-side: collect every report, hand finished trials to MLflow, show progress."""
+
+        def __init__(self, key: str):
+            self.key = key
+
+        def _driver(self):
+            return _DRIVERS[self.key]
+
+        def _record(self, trial) -> TrialRecord:
+            records = self._driver()[0]
+            params = _flatten(trial.config)["params"]
+            if params["trial_key"] not in records:
+                records[params["trial_key"]] = TrialRecord(dict(params))
+            return records[params["trial_key"]]
+
+        def _update(self):
+            records, _, on_progress = self._driver()
+            on_progress(records)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._record(trial).status = "RUNNING"
+            self._update()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            rec = self._record(trial)
+            rec.history.append(_metrics_of(result))
+            rec.checkpoint = result.get("checkpoint_path") or rec.checkpoint
+            self._update()
+
+        def _done(self, trial, status: str):
+            rec = self._record(trial)
+            rec.status = status
+            if rec.run_id is None:
+                self._driver()[1](rec)
+            self._update()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._done(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._done(trial, "FAILED")
+
+    return SweepCallback(key)
+
+
+@dataclass
+class SweepOutcome:
+    experiment: str
+    parent_run_id: str
+    storage: Path
+    records: dict[str, TrialRecord]
+    summary: object                  # pandas DataFrame (pipelines.summary.summary_table)
+    registered: list
+    wall_s: float
+
+
+def sweep_storage(experiment: str, root: str | os.PathLike | None = None) -> Path:
+    """Where a sweep keeps Tune's state and trial checkpoints: <root or ./sweeps>/<experiment>."""
+    return (Path(root) if root else Path("sweeps")).resolve() / experiment
+
+
+def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri: str | None = None,
+              storage_root: str | os.PathLike | None = None, address: str | None = None, resume: bool = False,
+              on_progress: Callable[[dict[str, TrialRecord]], None] = lambda records: None,
+              _fault: dict | None = None) -> SweepOutcome:
+    """Run (or, with resume=True, continue) the sweep `spec` on Ray; everything lands in MLflow.
+    `_fault`: test-only fault injection passed to the trials' workers."""
+    from ray import tune
+
+    from pipelines.tracking import SweepTracker
+
+    t0 = time.time()
+    storage = sweep_storage(spec.experiment, storage_root)
+    state_file = storage / STATE_FILE
+    tracker = SweepTracker(spec.experiment, tracking_uri)
+    records: dict[str, TrialRecord] = {}
+    if resume:
+        if not state_file.exists():
+            raise FileNotFoundError(f"no sweep to resume at {storage} (missing {STATE_FILE})")
+        state = json.loads(state_file.read_text())
+        tracker.reopen(state["parent_run_id"])
+        for trial in tracker.trials:   # logged before the interruption: never redone
+            rec = TrialRecord(trial["params"], [trial["final"]], trial.get("status", "FINISHED"),
+                              run_id=trial.get("run_id"))
+            records[rec.params["trial_key"]] = rec
+    else:
+        storage.mkdir(parents=True, exist_ok=True)
+        tracker.start(spec_path, spec.model_dump(mode="json"))
+    state_file.write_text(json.dumps({"experiment": spec.experiment, "parent_run_id": tracker.parent_run_id,
+                                      "tracking_uri": tracker.tracking_uri,
+                                      "spec": str(Path(spec_path).resolve()) if spec_path else None}))
+
+    def on_finished(rec: TrialRecord) -> None:
+        rec.run_id = tracker.log_trial(rec.params, rec.history, rec.final, _adapter_dir(rec.checkpoint),
+                                       status=rec.status)
+
+    key = str(storage)
+    _DRIVERS[key] = (records, on_finished, on_progress)
+    with tracker:
+        start_ray(address)
+        if resume:
+            tuner = tune.Tuner.restore(str(storage / "tune"), trainable=_trainable(), resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            space = param_space(spec, storage)
+            if _fault:
+                for trial in space["trial"]["grid_search"]:
+                    trial["train"].update(_fault)
+            tuner = tune.Tuner(_trainable(), param_space=space, tune_config=tune_config(spec),
+                               run_config=tune.RunConfig(name="tune", storage_path=str(storage), verbose=0,
+                                                         callbacks=[_callback(key)]))
+        tuner.fit()
+        trials = [{"params": r.params, "history": r.history, "final": r.final, "status": r.status,
+                   "run_id": r.run_id} for r in records.values()]
+        result = tracker.finish(trials)
+    _DRIVERS.pop(key, None)
+    return SweepOutcome(spec.experiment, tracker.parent_run_id, storage, records, result.summary,
+                        result.registered, time.time() - t0)

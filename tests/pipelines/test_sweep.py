@@ -1,0 +1,102 @@
+"""Sweeps end to end on a local Ray: real Ray Tune and Train, real DeepSpeed, real MLflow (sqlite)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.spec import load_spec
+from pipelines.sweep import run_sweep
+from pipelines.tracking import load_registered
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples" / "sweep-tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _loopback(monkeypatch):
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def spec_file(tmp_path, **changes) -> Path:
+    spec = yaml.safe_load(TINY.read_text())
+    spec.update(changes)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def child_runs(uri, experiment):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`sparta.role` = 'trial'")
+    return client, runs
+
+
+def test_tiny_sweep_end_to_end(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path)
+    spec = load_spec(path)
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps")
+    assert sorted(out.records) == sorted(t["trial_key"] for t in spec.trials())
+    assert all(r.status == "FINISHED" and [h["step"] for h in r.history] == [2, 4] for r in out.records.values())
+    client, runs = child_runs(uri, spec.experiment)
+    assert len(runs) == 4
+    for run in runs:   # params, per-step metrics and the adapter of every trial
+        assert run.data.tags["mlflow.parentRunId"] == out.parent_run_id
+        assert {"method", "seed", "lr", "rank"} <= set(run.data.params)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert steps == [2, 4]
+        for key in ("train_loss", "val_accuracy", "test_accuracy", "gen_gap", "samples_per_s", "wall_s",
+                    "peak_mem_mib", "trainable_params"):
+            assert key in run.data.metrics, key
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in files
+    # the summary: one row per method, its numbers those of the child runs
+    table = out.summary.set_index("method")
+    assert sorted(table.index) == ["cla", "lora"] and (table["n_seeds"] == 2).all()
+    for method in ("cla", "lora"):
+        finals = [r.data.metrics["final/test_accuracy"] for r in runs if r.data.params["method"] == method]
+        assert table.loc[method, "test_mean"] == pytest.approx(sum(finals) / 2)
+    parent_files = {f.path for f in client.list_artifacts(out.parent_run_id, "summary")}
+    assert {"summary/summary.csv", "summary/summary.parquet", "summary/summary.md"} <= parent_files
+    # the best adapter is registered and loads onto its base model
+    (reg,) = out.registered
+    best = table["val_mean"].idxmax()
+    assert reg.model == "minilm-l6" and reg.method in ("cla", "lora")
+    assert table.loc[reg.method, "val_mean"] == table.loc[best, "val_mean"]
+    model, tok = load_registered(reg.uri, uri)
+    from workers.assets import load_model
+
+    base, _ = load_model("minilm-l6", task="classification", num_labels=2)
+    batch = tok(["a lovely stay, friendly staff"], return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, base(**batch).logits)
+
+
+def test_a_killed_worker_restarts_from_its_checkpoint(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, methods=["cla"], seeds=[0], experiment="sweep-fault",
+                     train={"steps": 6, "batch_size": 8, "max_length": 64, "eval_every": 2, "eval_examples": 8})
+    spec = load_spec(path)
+    marker = tmp_path / "crashed.json"
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps",
+                    _fault={"_crash_at_step": 4, "_crash_marker": str(marker)})
+    crash = json.loads(marker.read_text())   # the worker process did die at step 4 ...
+    assert crash["step"] == 4
+    (rec,) = out.records.values()
+    assert rec.status == "FINISHED"
+    steps = [h["step"] for h in rec.history]
+    # ... and its trial went on from the step-4 checkpoint: step 6 reported, step 2 never redone
+    assert steps[-1] == 6 and steps.count(2) == 1 and 4 in steps
+    _, runs = child_runs(uri, "sweep-fault")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
