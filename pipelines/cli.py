@@ -6,6 +6,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub is reachable: fail fast instead of hanging
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from pathlib import Path
 from typing import Optional

@@ -102,6 +102,7 @@ def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> N
     with progress.live:
         outcome = run_sweep(parsed, spec_path, tracking_uri=tracking_uri, storage_root=storage, resume=resume,
                             on_progress=progress)
+    console.print()
     console.print(render(outcome.summary, "table"))
     for reg in outcome.registered:
         console.print(f"registered {reg.uri} ({reg.method}, {reg.trial_key})")

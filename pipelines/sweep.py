@@ -150,50 +150,55 @@ _DRIVERS: dict[str, tuple] = {}
 def _callback(key: str):
     from ray.tune import Callback
 
-    class SweepCallback(Callback):
-        """Driver-side: collect every report, hand finished trials to MLflow, show progress."""
+    global SweepCallback
+    if SweepCallback is None:
+        class _SweepCallback(Callback):
+            """Driver-side: collect every report, hand finished trials to MLflow, show progress. Pickled
+            with Tune's state by reference (a module attribute) and holding only the registry key."""
 
-        def __init__(self, key: str):
-            self.key = key
+            def __init__(self, key: str):
+                self.key = key
 
-        def _driver(self):
-            return _DRIVERS[self.key]
+            def _record(self, trial) -> TrialRecord:
+                records = _DRIVERS[self.key][0]
+                params = _flatten(trial.config)["params"]
+                if params["trial_key"] not in records:
+                    records[params["trial_key"]] = TrialRecord(dict(params))
+                return records[params["trial_key"]]
 
-        def _record(self, trial) -> TrialRecord:
-            records = self._driver()[0]
-            params = _flatten(trial.config)["params"]
-            if params["trial_key"] not in records:
-                records[params["trial_key"]] = TrialRecord(dict(params))
-            return records[params["trial_key"]]
+            def _update(self):
+                records, _, on_progress = _DRIVERS[self.key]
+                on_progress(records)
 
-        def _update(self):
-            records, _, on_progress = self._driver()
-            on_progress(records)
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self._record(trial).status = "RUNNING"
+                self._update()
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._record(trial).status = "RUNNING"
-            self._update()
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                rec = self._record(trial)
+                rec.history.append(_metrics_of(result))
+                rec.checkpoint = result.get("checkpoint_path") or rec.checkpoint
+                self._update()
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            rec = self._record(trial)
-            rec.history.append(_metrics_of(result))
-            rec.checkpoint = result.get("checkpoint_path") or rec.checkpoint
-            self._update()
+            def _done(self, trial, status: str):
+                rec = self._record(trial)
+                rec.status = status
+                if rec.run_id is None:
+                    _DRIVERS[self.key][1](rec)
+                self._update()
 
-        def _done(self, trial, status: str):
-            rec = self._record(trial)
-            rec.status = status
-            if rec.run_id is None:
-                self._driver()[1](rec)
-            self._update()
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._done(trial, "FINISHED")
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._done(trial, "FINISHED")
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._done(trial, "FAILED")
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._done(trial, "FAILED")
-
+        _SweepCallback.__qualname__ = _SweepCallback.__name__ = "SweepCallback"
+        SweepCallback = _SweepCallback
     return SweepCallback(key)
+
+
+SweepCallback = None   # the Tune callback class, made on first use (so importing this module needs no Ray)
 
 
 @dataclass
@@ -251,6 +256,7 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
     _DRIVERS[key] = (records, on_finished, on_progress)
     with tracker:
         start_ray(address)
+        callback = _callback(key)   # also defines the class the pickled state refers to
         if resume:
             tuner = tune.Tuner.restore(str(storage / "tune"), trainable=_trainable(), resume_unfinished=True,
                                        resume_errored=True)
@@ -261,7 +267,7 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
                     trial["train"].update(_fault)
             tuner = tune.Tuner(_trainable(), param_space=space, tune_config=tune_config(spec),
                                run_config=tune.RunConfig(name="tune", storage_path=str(storage), verbose=0,
-                                                         callbacks=[_callback(key)]))
+                                                         callbacks=[callback]))
         tuner.fit()
         trials = [{"params": r.params, "history": r.history, "final": r.final, "status": r.status,
                    "run_id": r.run_id} for r in records.values()]

@@ -100,3 +100,46 @@ def test_a_killed_worker_restarts_from_its_checkpoint(tmp_path):
     assert steps[-1] == 6 and steps.count(2) == 1 and 4 in steps
     _, runs = child_runs(uri, "sweep-fault")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_resume_after_interrupting_the_driver_redoes_no_finished_trial(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, experiment="sweep-resume", seeds=[0, 1, 2])
+    spec = load_spec(path)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", "run", str(path), "--tracking-uri", uri,
+                               "--storage", str(tmp_path / "sweeps")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        finished = []
+        while time.time() < deadline and not finished:
+            time.sleep(2)
+            try:
+                _, runs = child_runs(uri, "sweep-resume")
+            except Exception:   # the store or the experiment does not exist yet
+                continue
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+        assert finished, "no trial finished in time"
+        driver.send_signal(signal.SIGINT)   # interrupt the driver mid-sweep
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    _, before = child_runs(uri, "sweep-resume")
+    done_before = {r.data.tags["trial_key"]: r.info.run_id for r in before if r.info.status == "FINISHED"}
+    assert 0 < len(done_before) < len(spec.trials())
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps", resume=True)
+    _, after = child_runs(uri, "sweep-resume")
+    finished_after = [r for r in after if r.info.status == "FINISHED"]
+    keys = [r.data.tags["trial_key"] for r in finished_after]
+    assert sorted(keys) == sorted(t["trial_key"] for t in spec.trials())   # every trial accounted for, once
+    for key, run_id in done_before.items():   # finished trials kept their run: not redone
+        assert [r.info.run_id for r in finished_after if r.data.tags["trial_key"] == key] == [run_id]
+    assert sorted(out.summary["method"]) == ["cla", "lora"] and (out.summary["n_seeds"] == 3).all()
