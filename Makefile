@@ -18,7 +18,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install assets run test test-fast bench-train clean
+.PHONY: install assets run ui test test-fast bench-train clean
 
 install: $(INSTALLED) $(ASSETS) $(BIGBENCH)
 
@@ -49,8 +49,13 @@ $(BIGBENCH): | $(INSTALLED)
 
 assets: $(ASSETS) $(BIGBENCH)
 
+# The main job on the embedded default: a small real sweep (SmolLM2-135M on MultiEmo as generation, lora,
+# cla and c3la) on a local Ray, tracked in ./mlruns; `make ui` browses it.
 run: install
-	$(BIN)/sparta bench train --model minilm-l6 --methods all --steps 12
+	$(BIN)/sparta sweep run examples/sweep-run.yaml
+
+ui: install
+	$(BIN)/sparta ui
 
 test: install
 	$(BIN)/python -m pytest

@@ -213,7 +213,8 @@ class SweepOutcome:
 
 
 def sweep_storage(experiment: str, root: str | os.PathLike | None = None) -> Path:
-    """Where a sweep keeps Tune's state and trial checkpoints: <root or ./sweeps>/<experiment>."""
+    """Where an experiment's sweeps keep Tune's state and trial checkpoints: <root or ./sweeps>/<experiment>,
+    one folder per sweep, the latest named in its state file."""
     return (Path(root) if root else Path("sweeps")).resolve() / experiment
 
 
@@ -228,23 +229,26 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
     from pipelines.tracking import SweepTracker
 
     t0 = time.time()
-    storage = sweep_storage(spec.experiment, storage_root)
-    state_file = storage / STATE_FILE
+    home = sweep_storage(spec.experiment, storage_root)
+    state_file = home / STATE_FILE   # the experiment's latest sweep; each sweep has its own folder
     tracker = SweepTracker(spec.experiment, tracking_uri)
     records: dict[str, TrialRecord] = {}
     if resume:
         if not state_file.exists():
-            raise FileNotFoundError(f"no sweep to resume at {storage} (missing {STATE_FILE})")
+            raise FileNotFoundError(f"no sweep to resume at {home} (missing {STATE_FILE})")
         state = json.loads(state_file.read_text())
+        storage = Path(state["storage"])
         tracker.reopen(state["parent_run_id"])
         for trial in tracker.trials:   # logged before the interruption: never redone
             rec = TrialRecord(trial["params"], [trial["final"]], trial.get("status", "FINISHED"),
                               run_id=trial.get("run_id"))
             records[rec.params["trial_key"]] = rec
     else:
+        storage = home / time.strftime("%Y%m%d-%H%M%S")
         storage.mkdir(parents=True, exist_ok=True)
         tracker.start(spec_path, spec.model_dump(mode="json"))
     state_file.write_text(json.dumps({"experiment": spec.experiment, "parent_run_id": tracker.parent_run_id,
+                                      "storage": str(storage),
                                       "tracking_uri": tracker.tracking_uri,
                                       "spec": str(Path(spec_path).resolve()) if spec_path else None}))
 
