@@ -76,15 +76,6 @@ def library() -> ctypes.CDLL:
     return lib
 
 
-def available() -> bool:
-    """Whether the kernel can be built and loaded here."""
-    try:
-        library()
-        return True
-    except (RuntimeError, OSError):
-        return False
-
-
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 

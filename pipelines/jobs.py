@@ -5,7 +5,6 @@ with the project as its working directory and the tracking URI and offline setti
 """
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
@@ -54,7 +53,3 @@ def logs(job_id: str, address: str) -> str:
 
 def stop(job_id: str, address: str) -> bool:
     return client(address).stop_job(job_id)
-
-
-def default_address() -> str | None:
-    return os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("SPARTA_RAY_ADDRESS")

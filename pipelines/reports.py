@@ -144,7 +144,7 @@ def markdown_decode_bench(report) -> str:
              "|" + "---|" * len(DECODE_COLUMNS)]
     lines += ["| " + " | ".join(_decode_cells(r)) + " |" for r in report.results]
     lines += ["", decode_caption(report)]
-    lines += [f"", *(f"Warning: {w}" for w in report.warnings)] if report.warnings else []
+    lines += ["", *(f"Warning: {w}" for w in report.warnings)] if report.warnings else []
     verdicts = bd.verdicts(report)
     if verdicts:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
