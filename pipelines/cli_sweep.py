@@ -67,9 +67,10 @@ def run(spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="the 
     if address:
         from pipelines import jobs
 
-        job = jobs.submit(spec, address, tracking_uri)
+        job = jobs.submit(spec, address, tracking_uri, storage or Path("sweeps"))
         typer.echo(f"submitted sweep {parsed.experiment!r} as Ray Job {job}\n"
-                   f"follow it: sparta sweep status {job} --address {address}  |  sparta sweep logs {job} --address {address}")
+                   f"follow it: sparta sweep logs {job} --address {address} --follow  |  "
+                   f"sparta sweep status {job} --address {address} [--wait]")
         return
     _run_here(parsed, spec, tracking_uri, storage, resume=False)
 
@@ -111,19 +112,28 @@ def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> N
 
 
 @app.command("status")
-def status(job_id: str, address: str = typer.Option(..., "--address")) -> None:
-    """The state of a sweep submitted as a Ray Job."""
+def status(job_id: str, address: str = typer.Option(..., "--address"),
+           wait: bool = typer.Option(False, "--wait", help="wait until the job ends; exit 1 unless it SUCCEEDED")) -> None:
+    """The state of a sweep submitted as a Ray Job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     from pipelines import jobs
 
-    typer.echo(jobs.status(job_id, address))
+    state = jobs.wait(job_id, address) if wait else jobs.status(job_id, address)
+    typer.echo(state)
+    if wait and state != "SUCCEEDED":
+        raise typer.Exit(1)
 
 
 @app.command("logs")
-def logs(job_id: str, address: str = typer.Option(..., "--address")) -> None:
+def logs(job_id: str, address: str = typer.Option(..., "--address"),
+         follow: bool = typer.Option(False, "--follow", "-f", help="stream the output until the job ends")) -> None:
     """The driver's output of a sweep submitted as a Ray Job."""
     from pipelines import jobs
 
-    typer.echo(jobs.logs(job_id, address))
+    if follow:
+        for chunk in jobs.follow_logs(job_id, address):
+            typer.echo(chunk, nl=False)
+    else:
+        typer.echo(jobs.logs(job_id, address))
 
 
 @app.command("stop")

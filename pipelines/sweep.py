@@ -37,9 +37,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], runtime_env={"env_vars": ray_env()},
-                 log_to_driver=False)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": ray_env()}, log_to_driver=False)
+    elif os.environ.get("RAY_ADDRESS"):   # a Ray Job's driver: the job's runtime env already carries ray_env()
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": ray_env()}, log_to_driver=False)
@@ -110,8 +111,12 @@ def param_space(spec, storage: Path) -> dict:
     from ray import tune
 
     trials = []
+    resources = {f"resources.{k}": v for k, v in spec.resources.model_dump().items()}
     for trial in spec.trials():
-        trials.append({"params": trial, "train": spec.trial_config(trial),
+        train = spec.trial_config(trial)
+        # the child run's params: the trial's own values, then the shared training settings and resources
+        params = {**trial, **{f"train.{k}": v for k, v in train.items() if k not in trial}, **resources}
+        trials.append({"params": params, "train": train,
                        "run_name": "trial-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in trial["trial_key"]),
                        "storage_path": str(storage / "trials"), "resources": spec.resources.model_dump(),
                        "max_failures": spec.max_failures})

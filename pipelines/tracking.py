@@ -368,6 +368,8 @@ class SweepTracker:
             tags[METRIC_TAG] = metric
         if error:
             tags["sparta.error"] = str(error)[:5000]
+        if isinstance(final.get("ray_node_id"), str):   # the Ray node its rank-0 worker ran on
+            tags["sparta.ray_node_id"] = final["ray_node_id"]
         run = self.client.create_run(self.experiment_id, start_time=start, tags=tags, run_name=key)
         run_id = run.info.run_id
         ok = False

@@ -34,6 +34,7 @@ import adapters
 from adapters import AdapterConfig, chain_boundaries
 from workers.assets import MODELS, load_model, resolve_model_path, tiny_config
 from workers.datasets import TASKS, ByteTokenizer, ClassificationFraming, GenerationFraming, load_task
+from workers.tables import load_table_task
 from workers.metrics import MAIN_METRIC, classification_scores, peak_memory_mib
 
 Report = Callable[[dict[str, Any], str], None]
@@ -53,7 +54,9 @@ class TrainConfig:
     """One trial.
 
     model: a packaged alias (`minilm-l6`, `smollm2-135m`, ...), `random:<arch>-tiny` or an HF folder.
-    dataset: a task of `workers.datasets.TASKS`; split once with `split_seed` (fixed across run seeds).
+    dataset: a task of `workers.datasets.TASKS`, or a table reference (a dict as the sweep spec's
+        `DatasetSpec.reference()` gives: name, path or train/validation/test files, text, label, split;
+        read by `workers.tables`); split once with `split_seed` (fixed across run seeds).
     method, rank, alpha, chain_segments, lora_plus_ratio, targets: the adapter (`adapters.AdapterConfig`).
     seed: seeds the head, the adapter's draws, the data order and dropout.
     lr, weight_decay: AdamW on the adapter's parameter groups (adapters get no decay; LoRA+ ratio on B).
@@ -74,7 +77,7 @@ class TrainConfig:
     """
 
     model: str
-    dataset: str
+    dataset: str | dict
     method: str
     seed: int = 0
     lr: float = 1e-3
@@ -99,8 +102,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.adapter_config()   # validates method, rank, alpha, ...
-        if self.dataset not in TASKS:
-            raise ValueError(f"TrainConfig.dataset: unknown task {self.dataset!r}; valid: {', '.join(TASKS)}")
+        if isinstance(self.dataset, dict):
+            if not (self.dataset.get("path") or self.dataset.get("train")):
+                raise ValueError("TrainConfig.dataset: a table reference needs `path` or `train`")
+        elif self.dataset not in TASKS:
+            raise ValueError(f"TrainConfig.dataset: unknown task {self.dataset!r}; valid: {', '.join(TASKS)}, "
+                             "or a table reference (dict)")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("TrainConfig: give exactly one of steps and epochs")
         for name in ("steps", "batch_size", "max_length", "eval_every", "eval_examples", "eval_batch_size"):
@@ -209,7 +216,8 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
     resume = Path(resume_from) if resume_from is not None else None
     saved = _read_trainer_state(resume, cfg) if resume else None
 
-    task = load_task(cfg.dataset, seed=cfg.split_seed)
+    task = (load_table_task(cfg.dataset, seed=cfg.split_seed) if isinstance(cfg.dataset, dict)
+            else load_task(cfg.dataset, seed=cfg.split_seed))
     val = task.validation[:cfg.eval_examples]
     test = task.test[:cfg.eval_examples]
     framing = resolve_framing(cfg)

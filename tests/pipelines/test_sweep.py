@@ -84,22 +84,30 @@ def test_tiny_sweep_end_to_end(tmp_path):
 
 
 def test_a_killed_worker_restarts_from_its_checkpoint(tmp_path):
+    # Two workers under ZeRO-2: each holds half of the optimizer state, so the checkpoint must carry both.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = spec_file(tmp_path, methods=["cla"], seeds=[0], experiment="sweep-fault",
-                     train={"steps": 6, "batch_size": 8, "max_length": 64, "eval_every": 2, "eval_examples": 8})
+                     train={"steps": 6, "batch_size": 4, "max_length": 64, "eval_every": 2, "eval_examples": 8},
+                     resources={"workers_per_trial": 2, "cpus_per_worker": 0.5}, deepspeed={"zero_stage": 2})
     spec = load_spec(path)
     marker = tmp_path / "crashed.json"
     out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps",
                     _fault={"_crash_at_step": 4, "_crash_marker": str(marker)})
-    crash = json.loads(marker.read_text())   # the worker process did die at step 4 ...
+    crash = json.loads(marker.read_text())   # a worker process did die at step 4 ...
     assert crash["step"] == 4
     (rec,) = out.records.values()
     assert rec.status == "FINISHED"
     steps = [h["step"] for h in rec.history]
     # ... and its trial went on from the step-4 checkpoint: step 6 reported, step 2 never redone
     assert steps[-1] == 6 and steps.count(2) == 1 and 4 in steps
+    # the checkpoint Ray kept merges both ranks' folders: both ZeRO partitions, both RNG states
+    files = {p.name for p in Path(rec.checkpoint).rglob("*")}
+    assert {"rng-rank0.json", "rng-rank1.json", "adapter_model.safetensors", "trainer_state.json"} <= files
+    assert {f for f in files if f.startswith("zero_pp_rank_")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     _, runs = child_runs(uri, "sweep-fault")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["resources.workers_per_trial"] == "2"
 
 
 def test_resume_after_interrupting_the_driver_redoes_no_finished_trial(tmp_path):

@@ -431,3 +431,18 @@ def test_lora_on_minilm_learns_multiemo_binary(tmp_path):
     before, after = result["initial"]["val_accuracy"], result["val_accuracy"]
     print(f"val accuracy {before:.3f} -> {after:.3f} in {result['wall_s']:.0f} s")
     assert after >= before + 0.10 and after >= 0.75
+
+
+# -- (5) the user's own table ---------------------------------------------------------------------
+def test_trains_on_a_csv_table(tmp_path):
+    words = {"yes": ["lovely", "wonderful", "great", "superb"], "no": ["awful", "terrible", "bad", "dreadful"]}
+    rows = [(f"the stay was {words[label][i % 4]} and the room {i}", label) for i in range(48) for label in words]
+    table = tmp_path / "stays.csv"
+    table.write_text("body,verdict\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    ref = {"name": "stays", "path": str(table), "train": None, "validation": None, "test": None,
+           "text": "body", "label": "verdict", "split": None}
+    cfg = TrainConfig(model="minilm-l6", dataset=ref, method="lora", rank=4, lr=5e-3, steps=24, batch_size=8,
+                      max_length=16, eval_every=24, eval_examples=9, eval_at_start=True)
+    result, _ = run(cfg, tmp_path / "ckpt")
+    assert result["initial"]["val_accuracy"] < 0.9   # untrained head: not yet separating yes from no
+    assert result["val_accuracy"] == 1.0 and result["test_accuracy"] == 1.0
