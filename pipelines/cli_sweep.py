@@ -109,6 +109,12 @@ def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> N
         console.print(f"registered {reg.uri} ({reg.method}, {reg.trial_key})")
     console.print(f"sweep {outcome.experiment!r} done in {outcome.wall_s:.0f} s. Browse it in MLflow: "
                   f"[bold]sparta ui[/] then http://127.0.0.1:5000")
+    failed = [r for r in outcome.records.values() if r.status != "FINISHED"]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(outcome.records)} trials did not finish:[/]")
+        for rec in failed:
+            console.print(f"  {rec.params['trial_key']}: {rec.status}: {rec.error or '-'}", markup=False)
+        raise typer.Exit(1)
 
 
 @app.command("status")

@@ -26,6 +26,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
+from workers.ds_config import check_deepspeed
+
 # The hyper-parameters a search may vary, in the order they appear in trials and trial keys.
 HYPERPARAMS = ("lr", "rank", "alpha", "chain_segments", "lora_plus_ratio", "weight_decay")
 DATA_SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -401,7 +403,7 @@ class TrainSpec(_Section):
 
 
 class DeepSpeedSpec(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    zero_stage: int = 0
     offload: Literal["none", "cpu"] = "none"
     bf16: bool | None = None          # null: follows train.precision
     config: dict[str, Any] | None = None
@@ -497,6 +499,11 @@ class SweepSpec(_Section):
         if ds.config is None and ds.bf16 is not None and ds.bf16 != (self.train.precision == "bf16"):
             raise _At(("deepspeed", "bf16"), f"bf16: {str(ds.bf16).lower()} contradicts train.precision "
                       f"{self.train.precision!r}; leave deepspeed.bf16 unset to follow it", root=True)
+        try:   # what the training loop will refuse, refused now (stage 3, an optimizer section, fp16, ...)
+            check_deepspeed(self.deepspeed_config(), self.train.batch_size, self.train.precision)
+        except ValueError as e:
+            field = ("deepspeed", "config") if ds.config is not None else ("deepspeed", "zero_stage")
+            raise _At(field, str(e), root=True) from None
         sch = self.scheduler
         if sch.type == "asha":
             if self.train.eval_every is None:
@@ -596,8 +603,6 @@ class SweepSpec(_Section):
             return _deep_merge(out, ds.config)
         if ds.offload == "cpu":
             zero["offload_optimizer"] = {"device": "cpu"}
-            if stage == 3:
-                zero["offload_param"] = {"device": "cpu"}
             out["zero_force_ds_cpu_optimizer"] = False
         return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class TrialRecord:
     status: str = "PENDING"
     checkpoint: str | None = None
     run_id: str | None = None
+    error: str | None = None          # the last line of a failed trial's error
 
     @property
     def final(self) -> dict:
@@ -94,6 +96,22 @@ REPORT_KEYS_DROPPED = ("checkpoint_path", "config", "trial_id", "experiment_id",
 
 def _metrics_of(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in REPORT_KEYS_DROPPED and isinstance(v, (int, float, str))}
+
+
+def _error_line(error_file: str | None) -> str:
+    """The gist of a failed trial's error file (Tune writes the whole trace): its last "...Error: ..."
+    line, else its last line."""
+    try:
+        lines = [line.strip() for line in Path(error_file).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return "unknown error (no error file)"
+    named = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    if not named:
+        return (lines or ["unknown error"])[-1][:2000]
+    gist = lines[named[-1]]
+    if gist.endswith(":"):   # Ray Train's "...WorkerGroupError: ...:" is followed by each rank's snippet
+        gist += " " + next((line for line in lines[named[-1] + 1:] if not line.startswith("[")), "")
+    return gist[:2000]
 
 
 def _adapter_dir(checkpoint: str | None) -> Path | None:
@@ -196,6 +214,7 @@ def _callback(key: str):
                 self._done(trial, "FINISHED")
 
             def on_trial_error(self, iteration, trials, trial, **info):
+                self._record(trial).error = _error_line(trial.error_file)
                 self._done(trial, "FAILED")
 
         _SweepCallback.__qualname__ = _SweepCallback.__name__ = "SweepCallback"
@@ -259,7 +278,7 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
 
     def on_finished(rec: TrialRecord) -> None:
         rec.run_id = tracker.log_trial(rec.params, rec.history, rec.final, _adapter_dir(rec.checkpoint),
-                                       status=rec.status)
+                                       status=rec.status, error=rec.error)
 
     key = str(storage)
     _DRIVERS[key] = (records, on_finished, on_progress)

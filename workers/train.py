@@ -33,6 +33,7 @@ from deepspeed.accelerator import get_accelerator
 import adapters
 from adapters import AdapterConfig, chain_boundaries
 from workers.assets import MODELS, load_model, resolve_model_path, tiny_config
+from workers.ds_config import check_deepspeed
 from workers.datasets import TASKS, ByteTokenizer, ClassificationFraming, GenerationFraming, load_task
 from workers.tables import load_table_task
 from workers.metrics import MAIN_METRIC, classification_scores, peak_memory_mib
@@ -41,7 +42,6 @@ Report = Callable[[dict[str, Any], str], None]
 
 PRECISIONS = ("fp32", "bf16")
 FRAMINGS = ("auto", "classification", "generation")
-ZERO_STAGES = (0, 1, 2)
 _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra",
                   "mpnet", "albert", "camembert"}
 # Fields that must match between a checkpoint and the config resuming it (the run's identity).
@@ -124,7 +124,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.framing: {self.framing!r}; valid: {', '.join(FRAMINGS)}")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
-        _check_deepspeed(self.deepspeed, self.batch_size, self.precision)
+        try:
+            check_deepspeed(self.deepspeed, self.batch_size, self.precision)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.deepspeed: {e}") from None
 
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
@@ -135,31 +138,6 @@ class TrainConfig:
         d = asdict(self)
         d["targets"] = list(self.targets) if isinstance(self.targets, tuple) else self.targets
         return d
-
-
-def _check_deepspeed(ds: dict, batch_size: int, precision: str) -> None:
-    if not isinstance(ds, dict):
-        raise ValueError(f"TrainConfig.deepspeed must be a dict (a DeepSpeed config), got {type(ds).__name__}")
-    if "optimizer" in ds:
-        raise ValueError("TrainConfig.deepspeed: drop the 'optimizer' section; the loop builds AdamW from the "
-                         "adapter's parameter groups (per-group lr and weight decay), which a DeepSpeed "
-                         "optimizer would ignore")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in ZERO_STAGES:
-        raise ValueError(f"TrainConfig.deepspeed: ZeRO stage {stage!r} is not supported; use 0, 1 or 2. Stage 3 "
-                         "partitions every weight across workers, so chain steps (in-place merges), adapter "
-                         "saving and generation would need gathered parameters, which this loop does not do; "
-                         "an adapter's trained state is small enough that stages 1-2 already shard it")
-    if ds.get("fp16", {}).get("enabled"):
-        raise ValueError("TrainConfig.deepspeed: fp16 is not offered; use precision='bf16'")
-    bf16 = ds.get("bf16", {}).get("enabled")
-    if bf16 is not None and bool(bf16) != (precision == "bf16"):
-        raise ValueError(f"TrainConfig.deepspeed says bf16.enabled={bf16} but precision={precision!r}; "
-                         "set precision only")
-    micro = ds.get("train_micro_batch_size_per_gpu")
-    if micro is not None and micro != batch_size:
-        raise ValueError(f"TrainConfig.deepspeed says train_micro_batch_size_per_gpu={micro} but "
-                         f"batch_size={batch_size}; set batch_size only")
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:

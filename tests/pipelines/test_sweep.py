@@ -151,3 +151,18 @@ def test_resume_after_interrupting_the_driver_redoes_no_finished_trial(tmp_path)
     for key, run_id in done_before.items():   # finished trials kept their run: not redone
         assert [r.info.run_id for r in finished_after if r.data.tags["trial_key"] == key] == [run_id]
     assert sorted(out.summary["method"]) == ["cla", "lora"] and (out.summary["n_seeds"] == 3).all()
+
+
+def test_a_trial_that_keeps_failing_is_recorded_as_failed_with_its_error(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, methods=["cla"], seeds=[0], experiment="sweep-failing", max_failures=0,
+                     train={"steps": 4, "batch_size": 4, "max_length": 32, "eval_every": 2, "eval_examples": 4})
+    out = run_sweep(load_spec(path), path, tracking_uri=uri, storage_root=tmp_path / "sweeps",
+                    _fault={"_crash_at_step": 2, "_crash_marker": str(tmp_path / "crashed.json")})
+    (rec,) = out.records.values()
+    assert rec.status == "FAILED" and rec.error   # no retries left: the crash is final
+    client, runs = child_runs(uri, "sweep-failing")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["sparta.error"] == rec.error
+    (parent,) = client.search_runs([runs[0].info.experiment_id], "tags.`sparta.role` = 'sweep'")
+    assert parent.data.metrics["failed_trials"] == 1 and not out.registered
