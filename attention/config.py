@@ -88,6 +88,26 @@ class ARTConfig:
         return asdict(self)
 
 
+def parse_art(text: str) -> ARTConfig:
+    """A preset name with optional overrides: "tuned" or "tuned+tau=3e-3+block_size=32+order=bound"."""
+    name, *pairs = text.split("+")
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"ART override {pair!r} in {text!r} is not FIELD=VALUE")
+        kind = ARTConfig.__dataclass_fields__.get(key)
+        if kind is None:
+            raise ValueError(f"unknown ART field {key!r} in {text!r}; valid: {', '.join(ARTConfig.__dataclass_fields__)}")
+        default = getattr(ARTConfig(), key)
+        try:
+            overrides[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool) else
+                              type(default)(float(value)) if isinstance(default, (int, float)) else value)
+        except ValueError:
+            raise ValueError(f"ART field {key!r} in {text!r}: {value!r} is not a number") from None
+    return ARTConfig.preset(name, **overrides)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(mode="stability", tau=1e-7, phi=1e-3, patience=5),
     "certified": dict(mode="certified", eps=1e-3),

@@ -56,9 +56,10 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
 
 @torch.no_grad()
 def greedy_decode(model, state: Prefilled, max_new_tokens: int,
-                  on_step: Callable[[int, torch.Tensor], None] | None = None) -> Decoded:
+                  on_step: Callable[[int, torch.Tensor], bool | None] | None = None) -> Decoded:
     """Greedy tokens after `state` (which is advanced in place): `max_new_tokens` in all, the prefill's
-    token first. `on_step(i, token)` is called after each decode forward."""
+    token first. `on_step(i, token)` is called after each decode forward; if it returns True, decoding
+    stops there (a server whose sequences have all finished)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokens = [state.next_token]
@@ -74,6 +75,6 @@ def greedy_decode(model, state: Prefilled, max_new_tokens: int,
             state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(
                 state.attention_mask.shape[0], 1)], -1)
         tokens.append(state.next_token)
-        if on_step is not None:
-            on_step(i, state.next_token)
+        if on_step is not None and on_step(i, state.next_token):
+            break
     return Decoded(torch.cat(tokens, -1), times)

@@ -26,6 +26,7 @@ import torch
 
 from attention import ARTConfig, enable_art
 from attention.cache import tile_cache
+from attention.config import parse_art  # noqa: F401  (moved there; still importable from here)
 from attention.generate import Prefilled, greedy_decode, prefill
 from attention.hf import POLICIES, make_press
 from pipelines.reports import Verdict
@@ -102,26 +103,6 @@ class BenchDecodeConfig:
         if len(set(labels)) != len(labels) or OFF in labels:
             raise ConfigError("art", f"give distinct presets, got {', '.join(labels)}")
         return out
-
-
-def parse_art(text: str) -> ARTConfig:
-    """A preset name with optional overrides: "tuned" or "tuned+tau=3e-3+block_size=32+order=bound"."""
-    name, *pairs = text.split("+")
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"ART override {pair!r} in {text!r} is not FIELD=VALUE")
-        kind = ARTConfig.__dataclass_fields__.get(key)
-        if kind is None:
-            raise ValueError(f"unknown ART field {key!r} in {text!r}; valid: {', '.join(ARTConfig.__dataclass_fields__)}")
-        default = getattr(ARTConfig(), key)
-        try:
-            overrides[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool) else
-                              type(default)(float(value)) if isinstance(default, (int, float)) else value)
-        except ValueError:
-            raise ValueError(f"ART field {key!r} in {text!r}: {value!r} is not a number") from None
-    return ARTConfig.preset(name, **overrides)
 
 
 @dataclass(frozen=True)

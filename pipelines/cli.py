@@ -29,6 +29,15 @@ def _sweep_app():
 app.add_typer(_sweep_app(), name="sweep")
 
 
+def _serve_app():
+    from pipelines.cli_serve import app as serve
+
+    return serve
+
+
+app.add_typer(_serve_app(), name="serve")
+
+
 def _parse_methods(methods: str) -> tuple[str, ...]:
     from adapters import METHODS
 
@@ -163,6 +172,25 @@ def bench_decode(
     print_decode_bench(console, report)
     console.print(f"CSV: {path}  (markdown: {path.with_suffix('.md')}, plot: {path.with_suffix('.png')}, "
                   f"run metadata: {path.with_suffix('.json')})")
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="a sweep spec; its first trial is timed"),
+    trial: Optional[str] = typer.Option(None, help="the trial key to time instead of the first"),
+    out: Path = typer.Option(Path("bench-results"), help="folder for overhead.md and overhead.json"),
+) -> None:
+    """What the orchestration adds to one trial: the loop run directly vs the same trial as a sweep."""
+    from pipelines.bench_overhead import bench, markdown
+    from pipelines.spec import SpecError
+
+    try:
+        report = bench(spec, trial, out)
+    except (SpecError, ValueError) as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(markdown(report))
+    typer.echo(f"written: {out / 'overhead.md'}, {out / 'overhead.json'}")
 
 
 @app.command("ui")

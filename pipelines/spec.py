@@ -683,16 +683,20 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def read_yaml(path: Path, error: type[SpecError] = SpecError):
+    """A spec file's YAML (1e-4 read as a number); `error` (a SpecError type) when it cannot be read."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except OSError as e:
+        raise error([("", f"cannot read the spec file: {e.strerror or e}")], str(path)) from None
+    except yaml.YAMLError as e:
+        raise error([("", f"not valid YAML: {e}")], str(path)) from None
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec file; relative paths inside are taken from its folder."""
     path = Path(path)
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except OSError as e:
-        raise SpecError([("", f"cannot read the spec file: {e.strerror or e}")], str(path)) from None
-    except yaml.YAMLError as e:
-        raise SpecError([("", f"not valid YAML: {e}")], str(path)) from None
-    return SweepSpec.model_validate(data, context={"base_dir": path.parent, "source": str(path)})
+    return SweepSpec.model_validate(read_yaml(path), context={"base_dir": path.parent, "source": str(path)})
 
 
 __all__ = ["DatasetSpec", "ENCODER_TYPES", "DeepSpeedSpec", "HYPERPARAMS", "ResourcesSpec", "SchedulerSpec", "SearchSpec",
