@@ -52,7 +52,7 @@ assets: $(ASSETS) $(BIGBENCH)
 # The main job on the embedded default: a small real sweep (SmolLM2-135M on MultiEmo as generation, lora,
 # cla and c3la) on a local Ray, tracked in ./mlruns; `make ui` browses it.
 run: install
-	$(BIN)/sparta sweep run examples/sweep-run.yaml
+	$(BIN)/sparta run
 
 ui: install
 	$(BIN)/sparta ui

@@ -38,6 +38,15 @@ def _serve_app():
 app.add_typer(_serve_app(), name="serve")
 
 
+def _eval_app():
+    from pipelines.cli_eval import app as evaluate
+
+    return evaluate
+
+
+app.add_typer(_eval_app(), name="eval")
+
+
 def _parse_methods(methods: str) -> tuple[str, ...]:
     from adapters import METHODS
 
@@ -174,6 +183,51 @@ def bench_decode(
                   f"run metadata: {path.with_suffix('.json')})")
 
 
+@bench_app.command("serve")
+def bench_serve(
+    spec: Path = typer.Option(..., "--spec", exists=True, dir_okay=False, help="the serve spec to deploy and drive"),
+    concurrency: str = typer.Option("1,4,16", help="comma list of closed-loop client counts"),
+    requests: int = typer.Option(32, help="requests per concurrency level and ART setting"),
+    art: str = typer.Option("off,on", help="comma list: off, on (the spec's art), or presets with +field=value "
+                            "overrides (tuned+tau=3e-3); ratios are against off"),
+    prompt_tokens: str = typer.Option("1024", help="comma list of prompt lengths in tokens (cycled over requests)"),
+    max_tokens: int = typer.Option(32, help="completion tokens per request"),
+    rounds: int = typer.Option(2, help="phases per setting and level, in snake order (off, on, on, off)"),
+    seed: int = typer.Option(0, help="seeds the prompts' essay offsets"),
+    endpoint: Optional[str] = typer.Option(None, help="a running deployment of the spec (default: deploy it here)"),
+    port: Optional[int] = typer.Option(None, help="override the spec's port when deploying"),
+    out: Path = typer.Option(Path("bench-results"), help="folder for serve-<model>.csv/.md/.json and serve.log"),
+) -> None:
+    """Requests/s, output tokens/s and latency of a deployment under load, ART settings side by side."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipelines import bench_serve as bs
+    from pipelines.serve import check_port_free
+    from pipelines.serve_spec import ServeSpecError
+
+    try:
+        cfg = bs.BenchServeConfig(spec=str(spec), concurrency=_parse_ints(concurrency, "--concurrency"),
+                                  requests=requests, art=_names(art), prompt_tokens=_parse_ints(prompt_tokens, "--prompt-tokens"),
+                                  max_tokens=max_tokens, rounds=rounds, seed=seed, endpoint=endpoint, port=port)
+        checked = bs.check(cfg)
+        if not endpoint:
+            check_port_free(checked[0].host, checked[0].port)
+    except bs.ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint=e.option) from None
+    except ServeSpecError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    console = Console(width=None if sys.stdout.isatty() else 220)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=1)
+        report = bs.run(cfg, out, lambda msg, i, n: bar.update(task, description=msg, completed=i, total=n), checked)
+    paths = bs.write(report, out)
+    bs.print_table(console, report.rows, "off" if "off" in cfg.art else cfg.art[0])
+    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['json']}")
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="a sweep spec; its first trial is timed"),
@@ -191,6 +245,29 @@ def bench_overhead(
         raise typer.Exit(2) from None
     typer.echo(markdown(report))
     typer.echo(f"written: {out / 'overhead.md'}, {out / 'overhead.json'}")
+
+
+@app.command("run")
+def run_pipeline(
+    sweep: Path = typer.Option(Path("examples/sweep-run.yaml"), exists=True, dir_okay=False, help="the sweep spec"),
+    serve: Path = typer.Option(Path("examples/serve-run.yaml"), exists=True, dir_okay=False,
+                               help="how the registered winner is served (its model is replaced by the winner)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="default: sqlite:///mlruns/mlflow.db"),
+    storage: Optional[Path] = typer.Option(None, help="where Tune keeps state and checkpoints (default ./sweeps)"),
+) -> None:
+    """The whole pipeline here: sweep -> best adapter registered -> served with ART on 127.0.0.1 -> NIAH
+    probe through the endpoint (ART off vs on) -> summary. What `make run` runs."""
+    from rich.console import Console
+
+    from pipelines import main_job
+    from pipelines.spec import SpecError
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    try:
+        main_job.run(console, sweep, serve, tracking_uri, storage)
+    except SpecError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("ui")

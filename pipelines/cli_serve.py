@@ -60,11 +60,18 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="the ser
     if old is not None and old.pid != os.getpid() and sv.pid_alive(old.pid):
         _fail(f"a local deployment is running already: {old.name} at {old.url} (pid {old.pid}); "
               "`sparta serve shutdown` first, or give another --state")
+    metrics = None
     try:
-        application = sv.build_app(spec)
-        url = sv.deploy(spec, application)
-    except ServeSpecError as e:
-        _fail(str(e), 2)
+        resolved = sv.resolve_model(spec)
+        sv.check_port_free(spec.host, spec.port)
+        metrics = sv.open_metrics_run(spec, resolved)   # before the replicas: they log to it
+        url = sv.deploy(spec, sv.build_app(spec, resolved, metrics))
+    except BaseException as e:
+        if metrics is not None:
+            metrics.end("FAILED")
+        if isinstance(e, ServeSpecError):
+            _fail(str(e), 2)
+        raise
     import ray
     from ray import serve
 
@@ -75,14 +82,19 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="the ser
                       str(spec_path.resolve()), os.environ.get("SPARTA_SERVE_LOG", ""),
                       os.environ.get("RAY_AUTH_MODE", "")).write(path)
         typer.echo(f"serving {spec.served_name} at {url}  (OpenAI API: {url}/v1; Ctrl-C stops)")
+        if metrics is not None:
+            typer.echo(f"replica metrics every {spec.metrics_interval_s:g} s to MLflow run {metrics.run_id} "
+                       f"(experiment {spec.metrics_experiment}, {metrics.tracking_uri})")
         sys.stdout.flush()
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         typer.echo("stopping ...")
     finally:
-        serve.shutdown()
+        serve.shutdown()   # replicas make their last report here
         ray.shutdown()
+        if metrics is not None:
+            metrics.end("FINISHED")
         if (st := sv.LocalState.read(path)) is not None and st.pid == os.getpid():
             path.unlink(missing_ok=True)
         typer.echo("stopped")
@@ -206,6 +218,13 @@ def shutdown(address: Optional[str] = _ADDRESS, name: Optional[str] = typer.Opti
         else:
             serve.shutdown()
         typer.echo(f"deleted {name}" if name else "Serve shut down")
+        try:   # the deployment runs `deploy --address` left running (default store and experiment)
+            ended = sv.end_metrics_runs(name)
+        except Exception as e:
+            typer.echo(f"could not end the deployment's MLflow run: {e}", err=True)
+        else:
+            if ended:
+                typer.echo(f"ended MLflow run(s) {', '.join(ended)}")
         return
     path = _state_path(state)
     st = sv.LocalState.read(path)

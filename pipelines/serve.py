@@ -4,6 +4,7 @@ it, on a local Ray bound to loopback or on a cluster; report its status; shut it
     spec = load_serve_spec("examples/serve-tiny.yaml")
     app = build_app(spec)             # resolves models:/ and runs:/ URIs through MLflow first
     url = deploy(spec, app)           # starts Ray (127.0.0.1) and Serve's proxy on spec.host:spec.port
+    run = open_metrics_run(spec)      # the deployment's MLflow run; build_app(spec, metrics=run) feeds it
 
 Registry URIs are resolved here, in the driver: the replica gets plain values (base model, a local
 adapter folder, config overrides), so workers never import pipelines or MLflow.
@@ -138,14 +139,81 @@ def deployment_options(spec: ServeSpec) -> dict:
     return opts
 
 
-def build_app(spec: ServeSpec, resolved: ResolvedModel | None = None):
-    """The Serve application (not yet running). Resolves the model first, so its errors come before Ray."""
+def build_app(spec: ServeSpec, resolved: ResolvedModel | None = None, metrics: MetricsRun | None = None):
+    """The Serve application (not yet running). Resolves the model first, so its errors come before Ray.
+    `metrics`: the deployment's MLflow run, which every replica reports to (open_metrics_run)."""
     from workers.replica import Replica
 
     resolved = resolved or resolve_model(spec)
     return Replica.options(**deployment_options(spec)).bind(
         engine_config(spec, resolved), spec.resolved_api_key(), spec.batching.max_batch_size,
-        spec.batching.wait_timeout_s)
+        spec.batching.wait_timeout_s, metrics=metrics.replica_args() if metrics else None)
+
+
+# -- the deployment's MLflow run -------------------------------------------------------------------
+ROLE = "serve"   # the sparta.role tag of deployment runs
+APP_TAG = "sparta.serve.app"
+
+
+@dataclass(frozen=True)
+class MetricsRun:
+    """The MLflow run of one deployment: replicas log to it (workers.serve_metrics), the driver ends it."""
+
+    tracking_uri: str
+    run_id: str
+    interval_s: float
+
+    def replica_args(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "interval_s": self.interval_s}
+
+    def end(self, status: str = "FINISHED") -> None:
+        from mlflow import MlflowClient
+
+        MlflowClient(self.tracking_uri).set_terminated(self.run_id, status)
+
+
+def open_metrics_run(spec: ServeSpec, resolved: ResolvedModel | None = None) -> MetricsRun | None:
+    """Create the deployment's run in `spec.metrics_experiment` (params: the spec without its API key, and
+    the resolved model); None when `metrics_interval_s` is 0."""
+    if spec.metrics_interval_s <= 0:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from pipelines import tracking
+
+    uri = tracking.resolve_tracking_uri(spec.tracking_uri)
+    client = MlflowClient(uri)
+    tags = {tracking.ROLE_TAG: ROLE, APP_TAG: spec.served_name, "sparta.serve.url": spec.url, **tracking.git_tags()}
+    run = client.create_run(tracking.setup(uri, spec.metrics_experiment), run_name=spec.served_name, tags=tags)
+    values = tracking._flatten(spec.model_dump(mode="json", exclude={"api_key"}))
+    if resolved is not None:
+        values.update({"resolved.model": resolved.model, "resolved.adapter": resolved.adapter})
+    params = [Param(k, tracking.encode_param(v)) for k, v in values.items()]
+    for chunk in tracking._chunks(params, tracking._MAX_PARAMS):
+        client.log_batch(run.info.run_id, params=chunk)
+    return MetricsRun(uri, run.info.run_id, spec.metrics_interval_s)
+
+
+def end_metrics_runs(app: str | None = None, tracking_uri: str | None = None,
+                     experiment: str = "sparta-serve") -> list[str]:
+    """End (FINISHED) the running deployment runs of `app` (every app when None); their ids. For a
+    cluster's `serve shutdown --address`, whose driver did not stay to end them."""
+    from mlflow import MlflowClient
+
+    from pipelines import tracking
+
+    client = MlflowClient(tracking.resolve_tracking_uri(tracking_uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = f"tags.`{tracking.ROLE_TAG}` = '{ROLE}' and attributes.status = 'RUNNING'"
+    if app:
+        query += f" and tags.`{APP_TAG}` = '{app}'"
+    ids = [r.info.run_id for r in tracking._search_all(client, exp.experiment_id, query)]
+    for run_id in ids:
+        client.set_terminated(run_id, "FINISHED")
+    return ids
 
 
 # -- Ray and Serve ---------------------------------------------------------------------------------
@@ -176,16 +244,27 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
 
 
-def deploy(spec: ServeSpec, app=None, address: str | None = None) -> str:
-    """Deploy (or update) the spec's application and return its URL once every replica is up."""
+def deploy(spec: ServeSpec, app=None, address: str | None = None, check_port: bool = True) -> str:
+    """Deploy (or update) the spec's application and return its URL once every replica is up. Without
+    `app`, builds it with a new metrics run (left running: `end_metrics_runs` ends it at shutdown).
+    check_port=False: this process's Serve proxy already holds the port (a further app on it)."""
     from ray import serve
 
-    app = app if app is not None else build_app(spec)
-    if not address:
-        check_port_free(spec.host, spec.port)
-    start_ray(address)
-    serve.start(http_options={"host": spec.host, "port": spec.port})
-    serve.run(app, name=spec.served_name, route_prefix=spec.route_prefix, blocking=False)
+    run = None
+    if app is None:
+        resolved = resolve_model(spec)
+        run = open_metrics_run(spec, resolved)
+        app = build_app(spec, resolved, run)
+    try:
+        if not address and check_port:
+            check_port_free(spec.host, spec.port)
+        start_ray(address)
+        serve.start(http_options={"host": spec.host, "port": spec.port})
+        serve.run(app, name=spec.served_name, route_prefix=spec.route_prefix, blocking=False)
+    except BaseException:
+        if run is not None:
+            run.end("FAILED")
+        raise
     return spec.url
 
 

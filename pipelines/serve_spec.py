@@ -141,7 +141,7 @@ class ServeSpec(_Section):
     adapter: Annotated[str | None, AfterValidator(_check_folder("adapter_config.json", "a sparta adapter folder"))] = None
     tokenizer: Annotated[str | None, AfterValidator(_check_tokenizer)] = None
     model_overrides: dict[str, Any] = Field(default_factory=dict)
-    tracking_uri: str | None = None    # for models:/ and runs:/ (default: $MLFLOW_TRACKING_URI or ./mlruns)
+    tracking_uri: str | None = None    # for models:/, runs:/ and the metrics run (default: $MLFLOW_TRACKING_URI or ./mlruns)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kv: KVSpec = Field(default_factory=KVSpec)
@@ -157,6 +157,9 @@ class ServeSpec(_Section):
     port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = Field(None, min_length=1)
     api_key_env: str = DEFAULT_API_KEY_ENV
+    # Each replica logs its metrics to the deployment's MLflow run this often (seconds); 0: no MLflow run.
+    metrics_interval_s: float = Field(30.0, ge=0.0, le=86400.0)
+    metrics_experiment: str = Field("sparta-serve", min_length=1)
 
     @field_validator("name")
     @classmethod

@@ -95,6 +95,25 @@ def art_config(value: Any, base: ARTConfig = OFF, param: str = "art") -> ARTConf
     return cfg
 
 
+def kv_config(value: Any, base: tuple[str, float], param: str = "kv") -> tuple[str, float]:
+    """A request's KV policy: None (`base`, the server's), or {"policy": NAME, "ratio": FRACTION} (a
+    missing ratio is 0, a missing policy the server's). Raises RequestError naming the bad field."""
+    if value is None:
+        return base
+    if not isinstance(value, dict):
+        raise RequestError(f"give the KV policy as an object {{\"policy\": NAME, \"ratio\": FRACTION}}, got {value!r}", param)
+    unknown = [k for k in value if k not in ("policy", "ratio")]
+    if unknown:
+        raise RequestError(f"unknown KV field {unknown[0]!r}; valid: policy, ratio", f"{param}.{unknown[0]}",
+                           code="unknown_kv_field")
+    policy, ratio = value.get("policy", base[0]), value.get("ratio", 0.0)
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise RequestError(f"unknown KV policy {policy!r}; valid: {', '.join(POLICIES)}", f"{param}.policy")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise RequestError(f"KV ratio must be a number in [0, 1), got {ratio!r}", f"{param}.ratio")
+    return policy, float(ratio)
+
+
 # -- text <-> tokens -------------------------------------------------------------------------------
 class Codec:
     """Text and chat messages <-> token ids: a Hugging Face tokenizer, or the byte tokenizer of
@@ -155,9 +174,10 @@ class ARTUsage:
 
 @dataclass
 class Job:
-    """One request: prompt token ids, a token budget, stop strings and the ART settings to decode with.
-    `on_text(piece)` (optional) receives the completion's text as it grows (for streaming); setting
-    `cancelled` stops the job at the next step (a client went away)."""
+    """One request: prompt token ids, a token budget, stop strings, the ART settings to decode with and
+    the KV policy as (policy, ratio) (None: the engine's). `on_text(piece)` (optional) receives the
+    completion's text as it grows (for streaming); setting `cancelled` stops the job at the next step (a
+    client went away)."""
 
     prompt: list[int]
     max_tokens: int
@@ -165,6 +185,7 @@ class Job:
     art: ARTConfig = OFF
     on_text: Callable[[str], None] | None = None
     cancelled: bool = False
+    kv: tuple[str, float] | None = None
 
 
 @dataclass
@@ -352,17 +373,21 @@ class Engine:
         return max_tokens if max_tokens is not None else min(cfg.max_new_tokens, room)
 
     # -- decoding ----------------------------------------------------------------------------------
-    def _shrinks_cache(self) -> bool:
-        return make_press(self.cfg.policy, self.cfg.policy_ratio) is not None or \
-            (self.cfg.policy == "quest" and self.cfg.policy_ratio > 0)
+    def kv_of(self, job: Job) -> tuple[str, float]:
+        return job.kv if job.kv is not None else (self.cfg.policy, self.cfg.policy_ratio)
+
+    @staticmethod
+    def _shrinks_cache(policy: str, ratio: float) -> bool:
+        return make_press(policy, ratio) is not None or (policy == "quest" and ratio > 0)
 
     def groups(self, jobs: list[Job]) -> list[list[int]]:
-        """Indices of jobs that decode together: one ART config per group (ART is set per model call);
-        left padding only under the dense policy, so other policies group equal prompt lengths."""
+        """Indices of jobs that decode together: one ART config and one KV policy per group (both are set
+        per model call); left padding only under the dense policy, so other policies group equal prompt
+        lengths."""
         out: dict[tuple, list[int]] = {}
-        pad_ok = not self._shrinks_cache()
         for i, job in enumerate(jobs):
-            out.setdefault((job.art, None if pad_ok else len(job.prompt)), []).append(i)
+            kv = self.kv_of(job)
+            out.setdefault((job.art, kv, len(job.prompt) if self._shrinks_cache(*kv) else None), []).append(i)
         return list(out.values())
 
     def run(self, jobs: list[Job]) -> list[Completion]:
@@ -380,15 +405,16 @@ class Engine:
         mask = None
         if any(len(j.prompt) != width for j in jobs):
             mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=self.device)
-        press = make_press(self.cfg.policy, self.cfg.policy_ratio)
+        policy, ratio = self.kv_of(jobs[0])
+        press = make_press(policy, ratio)
         if press is not None and width <= getattr(press, "window_size", 0):
             press = None   # SnapKV-style presses score from a window of the last prompt positions: too short
         with press(self.model) if press is not None else nullcontext():   # the policy shapes the prompt's KV
             state = prefill(self.model, ids, mask)
         rows = [_Row(j, self.codec) for j in jobs]
-        quest = self.cfg.policy == "quest" and self.cfg.policy_ratio > 0
+        quest = policy == "quest" and ratio > 0
         art = jobs[0].art
-        with enable_art(self.model, art, "quest" if quest else "dense", self.cfg.policy_ratio if quest else 0.0,
+        with enable_art(self.model, art, "quest" if quest else "dense", ratio if quest else 0.0,
                         impl=self.cfg.impl) as session:
 
             def step(_i: int, token: torch.Tensor) -> bool:

@@ -59,6 +59,7 @@ class _Request(BaseModel):
     seed: int | None = None          # accepted and ignored: greedy decoding is deterministic
     user: str | None = None
     art: Any = None                  # ART overrides: preset[+field=value...], "off" or {field: value}
+    kv: Any = None                   # KV policy override: {"policy": NAME, "ratio": FRACTION}
     return_token_ids: bool = False   # vLLM's extension: the generated (and prompt) token ids
 
     _temperature = field_validator("temperature")(_greedy("temperature", 0.0))

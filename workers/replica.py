@@ -19,7 +19,8 @@ from ray.serve import metrics
 from starlette.exceptions import HTTPException   # what routing raises (FastAPI's is a subclass)
 
 from workers import openai_api as api
-from workers.engine import Completion, Engine, EngineConfig, Job, RequestError, art_config
+from workers.engine import Completion, Engine, EngineConfig, Job, RequestError, art_config, kv_config
+from workers.serve_metrics import MetricsReporter
 
 app = FastAPI(title="sparta serve", docs_url=None, redoc_url=None)
 _END = object()   # end of a streamed job's text
@@ -65,10 +66,11 @@ def _metrics() -> dict:
 @serve.ingress(app)
 class Replica:
     """One model per replica (loaded once, offline). `config`: workers.engine.EngineConfig fields;
-    `api_key`: when set, /v1 routes need `Authorization: Bearer <key>`."""
+    `api_key`: when set, /v1 routes need `Authorization: Bearer <key>`; `metrics`: {tracking_uri, run_id,
+    interval_s} of the deployment's MLflow run (workers.serve_metrics), None: no MLflow reports."""
 
     def __init__(self, config: dict, api_key: str | None = None, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01):
+                 batch_wait_timeout_s: float = 0.01, metrics: dict | None = None):
         self.engine = Engine(EngineConfig(**config))
         self.name = self.engine.cfg.served_name
         self.api_key = api_key
@@ -81,6 +83,11 @@ class Replica:
         self.metrics = _metrics()
         self.counts = {"requests": 0, "errors": 0, "output_tokens": 0}
         self.started = time.time()
+        self.reporter = MetricsReporter(**metrics, replica_id=self.replica_id).start() if metrics else None
+
+    def __del__(self):   # Serve calls it on a graceful shutdown: the last report
+        if getattr(self, "reporter", None) is not None:
+            self.reporter.stop()
 
     # -- batching ----------------------------------------------------------------------------------
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -96,8 +103,9 @@ class Replica:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
+        # max_model_len as vLLM reports it: clients (sparta eval) check prompt lengths before sending
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(self.started),
-                                            "owned_by": "sparta"}]}
+                                            "owned_by": "sparta", "max_model_len": self.engine.cfg.max_context}]}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -123,6 +131,7 @@ class Replica:
             raise RequestError(f"unknown model {req.model!r}; this server serves: {self.name}", "model",
                                code="model_not_found", status=404)
         art = art_config(req.art, self.engine.art)
+        kv = kv_config(req.kv, (self.engine.cfg.policy, self.engine.cfg.policy_ratio))
         if chat:
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
             prompt = self.engine.check_prompt_ids(self.engine.codec.chat(messages), "messages")
@@ -131,7 +140,7 @@ class Replica:
             ids = self.engine.codec.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
             prompt = self.engine.check_prompt_ids(ids, "prompt")
             budget = self.engine.max_tokens_for(len(prompt), req.max_tokens, "prompt")
-        return Job(prompt, budget, req.stop, art), prompt
+        return Job(prompt, budget, req.stop, art, kv=kv), prompt
 
     async def _serve(self, request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
@@ -197,12 +206,16 @@ class Replica:
         self.counts["requests"] += 1
         if status >= 400:
             self.counts["errors"] += 1
+        if self.reporter is not None:
+            self.reporter.request(status)
 
     def _record(self, endpoint: str, done: Completion, start: float) -> None:
         seconds = time.perf_counter() - start
         tags = {"endpoint": endpoint}
         self._count(endpoint, 200)
         self.counts["output_tokens"] += done.completion_tokens
+        if self.reporter is not None:
+            self.reporter.completion(done.completion_tokens, seconds, done.art.skipped_fraction)
         self.metrics["tokens"].inc(done.completion_tokens, tags=tags)
         self.metrics["latency"].observe(seconds, tags=tags)
         if seconds > 0:

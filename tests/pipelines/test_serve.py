@@ -223,7 +223,8 @@ def _sparta(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_cli_deploy_status_shutdown(tmp_path):
+def test_cli_deploy_status_shutdown(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns/mlflow.db")   # the deployment's run
     state, port = tmp_path / "state.json", _free_port()
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "examples/serve-tiny.yaml").read_text()),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attention import ARTConfig
-from workers.engine import OFF, Engine, EngineConfig, Job, RequestError, art_config
+from workers.engine import OFF, Engine, EngineConfig, Job, RequestError, art_config, kv_config
 
 TINY = dict(model="random:llama-tiny", tokenizer="smollm2-135m", dtype="float32", device="cpu",
             model_overrides={"vocab_size": 49152, "max_position_embeddings": 512}, max_context=512,
@@ -191,3 +191,34 @@ def test_config_errors():
         Engine(EngineConfig(**{**TINY, "policy": "snap"}))
     with pytest.raises(ValueError, match="the tokenizer has 49152 tokens but the model's vocabulary only 256"):
         Engine(EngineConfig(model="random:llama-tiny", tokenizer="smollm2-135m", max_context=128))
+
+
+def test_per_job_kv_policy_decodes_like_an_engine_configured_with_it(engine):
+    snap = Engine(EngineConfig(**{**TINY, "policy": "snapkv", "policy_ratio": 0.5}))
+    ids = [prompt(engine, 100, seed=s) for s in (11, 12)]
+    jobs = [Job(ids[0], 4, kv=("snapkv", 0.5)), Job(ids[0], 4), Job(ids[1], 4, kv=("snapkv", 0.5))]
+    assert engine.groups(jobs) == [[0, 2], [1]]   # one policy per group (equal lengths, so together)
+    done = engine.run(jobs)
+    want = snap.run([Job(ids[0], 4), Job(ids[1], 4)])
+    assert [done[0].tokens, done[2].tokens] == [w.tokens for w in want]
+    assert done[0].art.candidate_blocks == want[0].art.candidate_blocks   # counts are per batch (of 2 here)
+    assert done[0].art.candidate_blocks / 2 < done[1].art.candidate_blocks   # half the prompt's KV is gone
+    # and the other way round: a dense job on the snapkv engine is the dense engine's answer
+    [dense] = snap.run([Job(ids[0], 4, kv=("dense", 0.0))])
+    assert dense.tokens == done[1].tokens and dense.art.candidate_blocks == done[1].art.candidate_blocks
+
+
+def test_kv_config_values_and_errors():
+    base = ("dense", 0.0)
+    assert kv_config(None, base) == base and kv_config({"policy": "snapkv", "ratio": 0.5}, base) == ("snapkv", 0.5)
+    assert kv_config({"ratio": 0.25}, ("streaming", 0.5)) == ("streaming", 0.25)
+    assert kv_config({"policy": "h2o"}, base) == ("h2o", 0.0)
+    cases = [({"policy": "snap"}, "kv.policy", "unknown KV policy 'snap'; valid: dense, streaming, snapkv"),
+             ({"policy": "snapkv", "ratio": 1.0}, "kv.ratio", r"in \[0, 1\)"),
+             ({"policy": "snapkv", "ratio": "half"}, "kv.ratio", "must be a number"),
+             ({"policy": "snapkv", "keep": 1}, "kv.keep", "unknown KV field 'keep'; valid: policy, ratio"),
+             ("snapkv", "kv", "as an object")]
+    for value, param, message in cases:
+        with pytest.raises(RequestError, match=message) as e:
+            kv_config(value, base)
+        assert e.value.param == param and e.value.status == 400, value

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attention import ARTConfig
-from workers.engine import Engine, EngineConfig
+from workers.engine import Engine, EngineConfig, Job
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -195,6 +195,22 @@ def test_art_statistics_and_per_request_overrides(url):
         math.ceil((100 + i) / 64) for i in range(1, 5))
 
 
+def test_per_request_kv_policy(url, ref):
+    ids = token_prompt(200, seed=8)
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 4, "art": "off", "return_token_ids": True}
+    dense = post(url, "/v1/completions", body).json()
+    snap = post(url, "/v1/completions", {**body, "kv": {"policy": "snapkv", "ratio": 0.5}}).json()
+    # SnapKV dropped half the prompt's KV: fewer candidate blocks; the answer is the engine's with that policy
+    assert snap["art"]["candidate_blocks"] < dense["art"]["candidate_blocks"]
+    [want] = ref.run([Job(ids, 4, kv=("snapkv", 0.5))])
+    assert snap["choices"][0]["token_ids"] == want.tokens
+    assert post(url, "/v1/completions", {**body, "kv": {"policy": "dense"}}).json()["choices"][0]["token_ids"] == \
+        dense["choices"][0]["token_ids"]
+    # clients learn the context limit (as vLLM reports it) to check prompt lengths before sending
+    card = httpx.get(url + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]
+    assert card["max_model_len"] == CONFIG["max_context"]
+
+
 BAD = [  # body, status, param, what the message must say
     ('{"model": "tiny", "prompt": ', 400, None, "not valid JSON"),
     ('["tiny"]', 400, None, "must be a JSON object"),
@@ -210,6 +226,8 @@ BAD = [  # body, status, param, what the message must say
     ({"model": "tiny", "prompt": "x", "art": {"tauu": 1e-3}}, 400, "art.tauu", "unknown ART field 'tauu'; valid: preset"),
     ({"model": "tiny", "prompt": "x", "art": {"block_size": 4}}, 400, "art.block_size", "must be in \\[8, 1024\\]"),
     ({"model": "tiny", "prompt": "x", "art": "turbo"}, 400, "art", "unknown ART preset 'turbo'"),
+    ({"model": "tiny", "prompt": "x", "kv": {"policy": "snap"}}, 400, "kv.policy", "unknown KV policy 'snap'; valid: dense"),
+    ({"model": "tiny", "prompt": "x", "kv": {"policy": "snapkv", "ratio": 1.5}}, 400, "kv.ratio", "in \\[0, 1\\)"),
     ({"model": "tiny", "prompt": "x", "temperature": 0.8}, 400, "temperature", "only greedy decoding"),
     ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n", "only greedy decoding"),
     ({"model": "tiny", "prompt": "x", "best_of": 2}, 400, "best_of", "unknown parameter 'best_of'; valid: model"),
@@ -253,9 +271,31 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(url):
 def test_a_killed_replica_is_replaced(url):
     from ray import serve
 
-    victim = httpx.get(url + "/healthz", timeout=30).json()
-    os.kill(victim["pid"], signal.SIGKILL)   # a replica process this test's Ray started
+    import threading
+
     body = {"model": "tiny", "prompt": "after the crash", "max_tokens": 4}
+    stop, during = threading.Event(), []
+
+    def load():   # clients keep sending while the replica dies; a request in flight on it may fail
+        while not stop.is_set():
+            try:
+                during.append(post(url, "/v1/completions", body).status_code)
+            except httpx.HTTPError:
+                during.append(None)
+
+    clients = [threading.Thread(target=load) for _ in range(3)]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(1)
+        victim = httpx.get(url + "/healthz", timeout=30).json()
+        os.kill(victim["pid"], signal.SIGKILL)   # a replica process this test's Ray started, under load
+        time.sleep(2)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=120)
+    assert during.count(200) >= 3   # the load was real: requests were answered around the kill
     deadline = time.monotonic() + 120
     while True:   # Serve notices, restarts the replica and routes around the dead one meanwhile
         st = serve.status().applications["tiny-test"].deployments["SpartaReplica"]
