@@ -86,7 +86,9 @@ def cluster(tmp_path):
     # the other's unpacked working directory); short paths: Ray's sockets live there
     temp_dirs = [tempfile.mkdtemp(prefix="sparta-ray-", dir="/tmp") for _ in range(2)]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",   # safe: the namespace has only loopback
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # as on a cluster node set up for the project: its `python` (a job's entrypoint) has sparta
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     ray = str(Path(sys.executable).parent / "ray")
     logs = tmp_path / "nodes"
     logs.mkdir()
@@ -145,7 +147,8 @@ def test_sweep_submitted_to_a_two_node_loopback_cluster(cluster, tmp_path):
                        "--storage", str(tmp_path / "sweeps"))
     assert submitted.returncode == 0, submitted.stderr
     job = re.search(r"as Ray Job (\S+)", submitted.stdout).group(1)
-    assert sparta(ns, env, "status", job, "--address", address).stdout.strip() in ("PENDING", "RUNNING")
+    early = sparta(ns, env, "status", job, "--address", address).stdout.strip()
+    assert early in ("PENDING", "RUNNING", "SUCCEEDED"), sparta(ns, env, "logs", job, "--address", address).stdout[-3000:]
 
     done = sparta(ns, env, "status", job, "--address", address, "--wait", timeout=900)
     logs = sparta(ns, env, "logs", job, "--address", address).stdout
