@@ -37,7 +37,9 @@ class ResolvedModel:
 
 
 def _cache() -> Path:
-    return Path(os.environ.get("SPARTA_CACHE") or Path.home() / ".cache" / "sparta").expanduser()
+    from workers.assets import cache_dir
+
+    return cache_dir()
 
 
 def _fresh_dir(uri: str) -> Path:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from pipelines.spec import SpecError, _At, _check_model, _resolve, model_kind, read_yaml
+from pipelines.spec import SpecError, _At, _check_model, _resolve, error_message, model_kind, read_yaml
 
 REGISTRY_PREFIXES = ("models:/", "runs:/")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -267,25 +267,13 @@ def _describe(e: ValidationError) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for err in e.errors():
         loc, kind = tuple(err["loc"]), err["type"]
-        exc = (err.get("ctx") or {}).get("error")
         if loc and loc[0] == "replicas" and kind in ("int_type", "model_type", "dict_type"):
             if isinstance(err["input"], dict):   # the mapping's own errors say what is wrong with it
                 continue
             msg = f"give a number of replicas or {{min, max, target_ongoing_requests}}, got {err['input']!r}"
             loc = ("replicas",)
-        elif isinstance(exc, _At):
-            loc = exc.path if exc.root else loc + exc.path
-            msg = str(exc)
-        elif isinstance(exc, Exception):
-            msg = str(exc)
-        elif kind == "extra_forbidden":
-            section = _SECTIONS.get(str(loc[0])) if len(loc) > 1 else ServeSpec
-            valid = f"; valid fields: {', '.join(section.model_fields)}" if section else ""
-            msg = f"unknown field {loc[-1]!r}{valid}"
-        elif kind == "missing":
-            msg = "required field is missing"
         else:
-            msg = f"{err['msg']}, got {err['input']!r}"
+            loc, msg = error_message(err, lambda parent: _SECTIONS.get(str(parent[0])) if parent else ServeSpec)
         item = (_path(loc), msg)
         if item not in out:
             out.append(item)

@@ -646,26 +646,26 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
+def error_message(err: dict, section_at) -> tuple[tuple, str]:
+    """(location, message) of one pydantic error: a validator's _At moves the location, an unknown field
+    lists the valid ones of its section (`section_at(parent location)` -> the model class or None)."""
+    loc, kind = tuple(err["loc"]), err["type"]
+    exc = (err.get("ctx") or {}).get("error")
+    if isinstance(exc, _At):
+        return (exc.path if exc.root else loc + exc.path), str(exc)
+    if isinstance(exc, Exception):
+        return loc, str(exc)
+    if kind == "extra_forbidden":
+        section = section_at(loc[:-1])
+        valid = f"; valid fields: {_choices(section.model_fields)}" if section else ""
+        return loc, f"unknown field {loc[-1]!r}{valid}"
+    if kind == "missing":
+        return loc, "required field is missing"
+    return loc, f"{err['msg']}, got {err['input']!r}"
+
+
 def _describe(e: ValidationError) -> list[tuple[str, str]]:
-    out = []
-    for err in e.errors():
-        loc, kind = tuple(err["loc"]), err["type"]
-        exc = (err.get("ctx") or {}).get("error")
-        if isinstance(exc, _At):
-            loc = exc.path if exc.root else loc + exc.path
-            msg = str(exc)
-        elif isinstance(exc, Exception):
-            msg = str(exc)
-        elif kind == "extra_forbidden":
-            section = _section_at(loc[:-1])
-            valid = f"; valid fields: {_choices(section.model_fields)}" if section else ""
-            msg = f"unknown field {loc[-1]!r}{valid}"
-        elif kind == "missing":
-            msg = "required field is missing"
-        else:
-            msg = f"{err['msg']}, got {err['input']!r}"
-        out.append((_path(loc), msg))
-    return out
+    return [(_path(loc), msg) for loc, msg in (error_message(err, _section_at) for err in e.errors())]
 
 
 # -- YAML ------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipelines import summary as summ
+from workers.ray_trial import NODE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +369,8 @@ class SweepTracker:
             tags[METRIC_TAG] = metric
         if error:
             tags["sparta.error"] = str(error)[:5000]
-        if isinstance(final.get("ray_node_id"), str):   # the Ray node its rank-0 worker ran on
-            tags["sparta.ray_node_id"] = final["ray_node_id"]
+        if isinstance(final.get(NODE_KEY), str):   # the Ray node its rank-0 worker ran on
+            tags["sparta.ray_node_id"] = final[NODE_KEY]
         run = self.client.create_run(self.experiment_id, start_time=start, tags=tags, run_name=key)
         run_id = run.info.run_id
         ok = False
