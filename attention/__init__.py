@@ -6,7 +6,7 @@ no MLflow.
 """
 from attention.cache import new_cache
 from attention.config import ARTConfig, parse_art
-from attention.dispatch import decode_attention
+from attention.kernels.dispatch import decode_attention
 from attention.hf import ARTSession, enable_art
 from attention.reference import ARTStats, block_key_bounds
 

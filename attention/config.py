@@ -1,4 +1,4 @@
-"""ARTConfig: how decode attention may stop walking the KV cache (see ../shared/specs/art.md)."""
+"""ARTConfig: how decode attention may stop walking the KV cache (see docs/specs/art.md)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace

@@ -17,7 +17,7 @@ from torch import nn
 
 from attention import cache as kv_cache
 from attention.config import ARTConfig
-from attention.dispatch import decode_attention, resolve
+from attention.kernels.dispatch import decode_attention, resolve
 
 IMPLEMENTATION = "sparta_art"
 # KV policies. Prefill policies are kvpress presses (NVIDIA's library; its pinned transformers range
@@ -50,7 +50,7 @@ def make_press(policy: str, ratio: float):
 class _LayerState:
     config: ARTConfig
     quest_ratio: float = 0.0   # fraction of blocks Quest drops per decode step (0: off)
-    impl: str = "auto"         # attention.dispatch.IMPLS
+    impl: str = "auto"         # attention.kernels.dispatch.IMPLS
     visited: int = 0
     candidates: int = 0
     calls: int = 0
@@ -116,7 +116,7 @@ def _art_attention(module, query, key, value, attention_mask, dropout: float = 0
     impl = resolve(state.impl, query.device, cfg.block_size)
     wants_bounds = cfg.uses_bounds or (cfg.active and budget is not None)
     if impl == "cpu" and cfg.active:   # the lean path: no per-head stats, bounds of new blocks in the kernel
-        from attention.cpu_kernel import decode_step
+        from attention.kernels.cpu import decode_step
 
         kept = kv_cache.key_bounds(key, cfg.block_size, partial=False) if wants_bounds else None
         out, visited, candidates = decode_step(

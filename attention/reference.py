@@ -51,7 +51,7 @@ def valid_positions(batch: int, length: int, device, key_padding_mask=None, leng
     return valid
 
 
-def _check_shapes(q, k, v) -> tuple[int, int, int, int, int]:
+def check_shapes(q, k, v) -> tuple[int, int, int, int, int]:
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"q must be (batch, q_heads, 1, head_dim), got {tuple(q.shape)}")
     if k.dim() != 4 or k.shape != v.shape[:3] + (k.shape[3],) or k.shape[:2] != v.shape[:2]:
@@ -132,7 +132,7 @@ def plan_walk(q, k, v, cfg: ARTConfig, block_scores=None, key_padding_mask=None,
               scale: float | None = None, key_bounds=None, block_budget: int | None = None) -> Walk:
     """block_budget: the Quest policy, keep only that many blocks per (sequence, KV head), the ones
     with the highest key-bound score for this query (sink and recent blocks always kept)."""
-    b, hq, hkv, t, d = _check_shapes(q, k, v)
+    b, hq, hkv, t, d = check_shapes(q, k, v)
     if block_budget is not None and (isinstance(block_budget, bool) or block_budget < 1):
         raise ValueError(f"block_budget must be a positive number of blocks, got {block_budget!r}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -177,7 +177,7 @@ def dense_result(q, k, v, walk: Walk) -> tuple[torch.Tensor, ARTStats]:
 def dense_off(q, k, v, cfg: ARTConfig, key_padding_mask=None, lengths=None, scale=None):
     """ART off without a Quest budget: one SDPA call (no mask when nothing is masked, so SDPA keeps its
     fast GQA path) and stats that count every candidate block as visited."""
-    b, hq, hkv, t, d = _check_shapes(q, k, v)
+    b, hq, hkv, t, d = check_shapes(q, k, v)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     nb = math.ceil(t / cfg.block_size)
     if key_padding_mask is None and lengths is None:
@@ -210,7 +210,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ART
     walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget)
     if not cfg.active:
         return dense_result(q, k, v, walk)
-    b, hq, hkv, t, d = _check_shapes(q, k, v)
+    b, hq, hkv, t, d = check_shapes(q, k, v)
     g, bs = hq // hkv, cfg.block_size
     nb = walk.cand.shape[-1]
     pad = nb * bs - t

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers as tf
 
-from workers.assets import tiny_config
+from workers.data.assets import tiny_config
 
 ARCHS = ["bert", "roberta", "deberta-v2", "llama", "qwen2", "gemma3", "gpt2"]
 NUM_LABELS = 3

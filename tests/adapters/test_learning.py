@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from adapters import AdapterConfig, apply
-from workers.assets import load_model
-from workers.datasets import load_task
+from workers.data.assets import load_model
+from workers.data.datasets import load_task
 
 STEPS, BATCH, MAX_LEN, N_EVAL = 80, 16, 128, 256
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from adapters import METHODS, AdapterConfig, apply, chain_boundaries, load
-from workers.assets import load_model
+from workers.data.assets import load_model
 
 TEXTS = ["the hotel was lovely and the staff were kind", "cold room, rude staff, never again",
          "it was fine I suppose", "absolutely the best stay of my life"]

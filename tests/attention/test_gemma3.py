@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from attention import ARTConfig, enable_art
-from workers.assets import load_model
+from workers.data.assets import load_model
 
 WINDOW = 64
 PROMPT = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(0))   # > the window

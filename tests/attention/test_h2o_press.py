@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from attention import ARTConfig, enable_art
 from attention.h2o_press import H2OPress
-from workers.assets import load_model
+from workers.data.assets import load_model
 
 PROMPT = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(0))   # > one chunk of 256
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attention import ARTConfig, enable_art
-from workers.assets import load_model
+from workers.data.assets import load_model
 
 
 def tiny_llm():
@@ -126,7 +126,7 @@ def test_ratio_zero_is_an_exact_no_op():
 
 @pytest.mark.slow
 def test_passkey_in_a_2k_haystack_is_answered_the_same_with_certified_art():
-    from workers.haystack import passkey_prompt
+    from workers.data.haystack import passkey_prompt
 
     model, tok = load_model("smollm2-135m", task="causal_lm")
     model.eval()

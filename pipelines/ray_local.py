@@ -1,0 +1,43 @@
+"""Starting or joining Ray the way every sparta command does: loopback only, no usage stats, offline
+model loading, sparta's caches passed on to the workers, and Ray's own chatter kept in its log files."""
+from __future__ import annotations
+
+import logging
+import os
+
+# Environment the driver and every worker need (Ray binds the interface address unless told otherwise).
+_FIXED = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+          "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+          # Tune's console reporter (configuration box, TensorBoard hint): sparta prints its own progress
+          "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+_PASSED_ON = ("SPARTA_CACHE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "MLFLOW_TRACKING_URI")
+
+
+def ray_env() -> dict[str, str]:
+    """The environment variables of a Ray job, actor or task started by sparta."""
+    env = dict(_FIXED)
+    env.update({k: os.environ[k] for k in _PASSED_ON if os.environ.get(k)})
+    return env
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join a cluster (`address`: HOST:PORT of its GCS, ray://HOST:PORT or auto; or RAY_ADDRESS inside a
+    Ray Job) or start Ray here on 127.0.0.1, with the dashboard (Ray Jobs need it) when asked. A no-op when
+    this process is connected already."""
+    import ray
+
+    env = ray_env()
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("RAY_", "TUNE_"))})
+    if ray.is_initialized():
+        return
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)   # raylet warnings stay in Ray's logs
+    if address and address.startswith(("http://", "https://")):
+        raise ValueError(f"--address {address}: give the cluster's GCS address (HOST:6379), ray://HOST:10001 or "
+                         "auto; an http:// address is the dashboard's (Ray Jobs)")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
+    elif os.environ.get("RAY_ADDRESS"):   # a Ray Job's driver: the job's runtime env already carries ray_env()
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env}, **quiet)

@@ -1,0 +1,193 @@
+"""`sparta serve`: turn a serve spec into a Ray Serve application of `workers.serving.replica.Replica` and deploy
+it, on a local Ray bound to loopback or on a cluster; report its status; shut it down.
+
+    spec = load_serve_spec("examples/serve-tiny.yaml")
+    app = build_app(spec)             # resolves models:/ and runs:/ URIs through MLflow first
+    url = deploy(spec, app)           # starts Ray (127.0.0.1) and Serve's proxy on spec.host:spec.port
+    run = metrics_run.open_metrics_run(spec)   # the deployment's MLflow run; build_app(spec, metrics=run) feeds it
+
+Registry URIs are resolved here, in the driver: the replica gets plain values (base model, a local
+adapter folder, config overrides), so workers never import pipelines or MLflow.
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.ray_local import ray_env, start_ray
+from pipelines.serving.metrics_run import MetricsRun, open_metrics_run
+from pipelines.serving.spec import FieldError, ServeSpec, ServeSpecError, is_registry_uri
+
+DEPLOYMENT = "SpartaReplica"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a replica loads: a base model name or folder, an adapter folder, config overrides."""
+
+    model: str
+    adapter: str | None = None
+    model_overrides: dict = field(default_factory=dict)
+    source: str = ""   # the spec's model (a registry URI, an alias or a folder)
+
+
+def _fresh_dir(uri: str) -> Path:
+    from workers.data.assets import cache_dir
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in uri)
+    path = cache_dir() / "serve" / "registry" / safe
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _from_pyfunc(uri: str, local: str | None = None) -> ResolvedModel:
+    import mlflow
+
+    from pipelines.sweeps.registry import AdapterModel
+
+    pyfunc = mlflow.pyfunc.load_model(local or uri, **({} if local else {"dst_path": str(_fresh_dir(uri))}))
+    inner = pyfunc.unwrap_python_model()
+    if not isinstance(inner, AdapterModel):
+        raise ValueError(f"{uri} is not a sparta adapter model (its python model is {type(inner).__name__})")
+    if inner.task != "causal_lm":
+        raise ValueError(f"{uri} adapts {inner.base_model} for {inner.task}; serving needs a causal LM adapter")
+    return ResolvedModel(inner.base_model, str(inner.adapter_dir), dict(inner.model_overrides), uri)
+
+
+def _from_run(uri: str, tracking_uri: str) -> ResolvedModel:
+    """runs:/RUN_ID/PATH: a logged sparta model, or a trial's raw adapter folder (base model from the run's params)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.mlflow_store import decode_param
+    from pipelines.sweeps.registry import adapter_model_config
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(_fresh_dir(uri)),
+                                                     tracking_uri=tracking_uri))
+    if (local / "MLmodel").is_file():
+        return _from_pyfunc(uri, str(local))
+    if not (local / "adapter_config.json").is_file():
+        raise ValueError(f"{uri} is neither a logged sparta model (no MLmodel) nor an adapter folder")
+    raw = MlflowClient(tracking_uri).get_run(uri.removeprefix("runs:/").split("/")[0]).data.params
+    params = {k: decode_param(v) for k, v in raw.items() if "." not in k}
+    params["model_overrides"] = {k.split(".", 1)[1]: decode_param(v) for k, v in raw.items()
+                                 if k.startswith("model_overrides.")}
+    if "model" not in params:
+        raise ValueError(f"the run of {uri} has no 'model' param: which base model the adapter belongs to is unknown")
+    cfg = adapter_model_config(params, local)
+    if cfg["task"] != "causal_lm":
+        raise ValueError(f"{uri} adapts {cfg['base_model']} for {cfg['task']}; serving needs a causal LM adapter")
+    return ResolvedModel(cfg["base_model"], str(local), cfg["model_overrides"], uri)
+
+
+def resolve_model(spec: ServeSpec) -> ResolvedModel:
+    """The spec's model as plain values; ServeSpecError (on `model`) when a registry URI cannot be used."""
+    if not is_registry_uri(spec.model):
+        return ResolvedModel(spec.model, spec.adapter, dict(spec.model_overrides), spec.model)
+    from pipelines.mlflow_store import resolve_tracking_uri, scoped_tracking_uri
+
+    uri = resolve_tracking_uri(spec.tracking_uri)
+    try:
+        with scoped_tracking_uri(uri):
+            got = _from_pyfunc(spec.model) if spec.model.startswith("models:/") else _from_run(spec.model, uri)
+    except Exception as e:   # MLflow raises its own types for a missing model, version or run
+        raise ServeSpecError([("model", f"cannot resolve {spec.model} in {uri}: {e}")]) from None
+    overrides = {**got.model_overrides, **spec.model_overrides}
+    try:
+        spec.check_limits(got.model, overrides)
+    except FieldError as e:
+        raise ServeSpecError([(".".join(e.path), str(e))]) from None
+    return ResolvedModel(got.model, got.adapter, overrides, spec.model)
+
+
+def engine_config(spec: ServeSpec, resolved: ResolvedModel) -> dict:
+    """workers.serving.engine.EngineConfig fields for the replica (plain values only)."""
+    art = spec.art_config()
+    return {"model": resolved.model, "name": spec.served_name, "adapter": resolved.adapter,
+            "tokenizer": spec.tokenizer, "model_overrides": dict(resolved.model_overrides), "dtype": spec.dtype,
+            "device": spec.device, "policy": spec.kv.policy, "policy_ratio": spec.kv.ratio,
+            "art": art.to_dict() if art.active else None, "max_context": spec.max_context,
+            "max_new_tokens": spec.max_new_tokens, "threads": max(1, round(spec.cpus_per_replica))}
+
+
+def deployment_options(spec: ServeSpec) -> dict:
+    gpus = spec.gpus_per_replica if spec.gpus_per_replica is not None else (1 if spec.device == "cuda" else 0)
+    opts: dict = {"name": DEPLOYMENT, "max_ongoing_requests": spec.max_ongoing_requests,
+                  "ray_actor_options": {"num_cpus": spec.cpus_per_replica, "num_gpus": gpus,
+                                        "runtime_env": {"env_vars": ray_env()}},
+                  # model loading takes a while on a busy machine; the default 30 s health check is too short
+                  "health_check_timeout_s": 120, "graceful_shutdown_timeout_s": 10}
+    if isinstance(spec.replicas, int):
+        opts["num_replicas"] = spec.replicas
+    else:
+        a = spec.replicas
+        opts["autoscaling_config"] = {"min_replicas": a.min, "max_replicas": a.max, "initial_replicas": a.min,
+                                      "target_ongoing_requests": a.target_ongoing_requests}
+    return opts
+
+
+def build_app(spec: ServeSpec, resolved: ResolvedModel | None = None, metrics: MetricsRun | None = None):
+    """The Serve application (not yet running). Resolves the model first, so its errors come before Ray.
+    `metrics`: the deployment's MLflow run, which every replica reports to (open_metrics_run)."""
+    from workers.serving.replica import Replica
+
+    resolved = resolved or resolve_model(spec)
+    return Replica.options(**deployment_options(spec)).bind(
+        engine_config(spec, resolved), spec.resolved_api_key(), spec.batching.max_batch_size,
+        spec.batching.wait_timeout_s, metrics=metrics.replica_args() if metrics else None)
+
+
+# -- Ray and Serve ---------------------------------------------------------------------------------
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the proxy binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServeSpecError([("port", f"{host}:{port} is not free ({e.strerror or e}); pick another port")]) from None
+
+
+def deploy(spec: ServeSpec, app=None, address: str | None = None, check_port: bool = True) -> str:
+    """Deploy (or update) the spec's application and return its URL once every replica is up. Without
+    `app`, builds it with a new metrics run (left running: `end_metrics_runs` ends it at shutdown).
+    check_port=False: this process's Serve proxy already holds the port (a further app on it)."""
+    from ray import serve
+
+    run = None
+    if app is None:
+        resolved = resolve_model(spec)
+        run = open_metrics_run(spec, resolved)
+        app = build_app(spec, resolved, run)
+    try:
+        if not address and check_port:
+            check_port_free(spec.host, spec.port)
+        start_ray(address)
+        serve.start(http_options={"host": spec.host, "port": spec.port})
+        serve.run(app, name=spec.served_name, route_prefix=spec.route_prefix, blocking=False)
+    except BaseException:
+        if run is not None:
+            run.end("FAILED")
+        raise
+    return spec.url
+
+
+def status_rows() -> list[dict]:
+    """Per application and deployment: status and replica states (Ray must be connected)."""
+    from ray import serve
+
+    def text(v) -> str:
+        return str(getattr(v, "value", v))
+
+    out = []
+    for name, app in serve.status().applications.items():
+        for dname, dep in app.deployments.items():
+            out.append({"application": name, "status": text(app.status), "deployment": dname,
+                        "deployment_status": text(dep.status),
+                        "replicas": {text(k): v for k, v in dep.replica_states.items()},
+                        "message": dep.message or app.message})
+    return out
+
+

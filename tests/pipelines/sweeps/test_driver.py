@@ -1,0 +1,168 @@
+"""Sweeps end to end on a local Ray: real Ray Tune and Train, real DeepSpeed, real MLflow (sqlite)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.sweeps.spec import load_spec
+from pipelines.sweeps.driver import run_sweep
+from pipelines.sweeps.registry import load_registered
+
+ROOT = Path(__file__).resolve().parents[3]
+TINY = ROOT / "examples" / "sweep-tiny.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _loopback(monkeypatch):
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def spec_file(tmp_path, **changes) -> Path:
+    spec = yaml.safe_load(TINY.read_text())
+    spec.update(changes)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def child_runs(uri, experiment):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`sparta.role` = 'trial'")
+    return client, runs
+
+
+def test_tiny_sweep_end_to_end(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path)
+    spec = load_spec(path)
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps")
+    assert sorted(out.records) == sorted(t["trial_key"] for t in spec.trials())
+    assert all(r.status == "FINISHED" and [h["step"] for h in r.history] == [2, 4] for r in out.records.values())
+    client, runs = child_runs(uri, spec.experiment)
+    assert len(runs) == 4
+    for run in runs:   # params, per-step metrics and the adapter of every trial
+        assert run.data.tags["mlflow.parentRunId"] == out.parent_run_id
+        assert {"method", "seed", "lr", "rank"} <= set(run.data.params)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert steps == [2, 4]
+        for key in ("train_loss", "val_accuracy", "test_accuracy", "gen_gap", "samples_per_s", "wall_s",
+                    "peak_mem_mib", "trainable_params"):
+            assert key in run.data.metrics, key
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in files
+    # the summary: one row per method, its numbers those of the child runs
+    table = out.summary.set_index("method")
+    assert sorted(table.index) == ["cla", "lora"] and (table["n_seeds"] == 2).all()
+    for method in ("cla", "lora"):
+        finals = [r.data.metrics["final/test_accuracy"] for r in runs if r.data.params["method"] == method]
+        assert table.loc[method, "test_mean"] == pytest.approx(sum(finals) / 2)
+    parent_files = {f.path for f in client.list_artifacts(out.parent_run_id, "summary")}
+    assert {"summary/summary.csv", "summary/summary.parquet", "summary/summary.md"} <= parent_files
+    # the best adapter is registered and loads onto its base model
+    (reg,) = out.registered
+    best = table["val_mean"].idxmax()
+    assert reg.model == "minilm-l6" and reg.method in ("cla", "lora")
+    assert table.loc[reg.method, "val_mean"] == table.loc[best, "val_mean"]
+    model, tok = load_registered(reg.uri, uri)
+    from workers.data.assets import load_model
+
+    base, _ = load_model("minilm-l6", task="classification", num_labels=2)
+    batch = tok(["a lovely stay, friendly staff"], return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, base(**batch).logits)
+
+
+def test_a_killed_worker_restarts_from_its_checkpoint(tmp_path):
+    # Two workers under ZeRO-2: each holds half of the optimizer state, so the checkpoint must carry both.
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, methods=["cla"], seeds=[0], experiment="sweep-fault",
+                     train={"steps": 6, "batch_size": 4, "max_length": 64, "eval_every": 2, "eval_examples": 8},
+                     resources={"workers_per_trial": 2, "cpus_per_worker": 0.5}, deepspeed={"zero_stage": 2})
+    spec = load_spec(path)
+    marker = tmp_path / "crashed.json"
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps",
+                    _fault={"_crash_at_step": 4, "_crash_marker": str(marker)})
+    crash = json.loads(marker.read_text())   # a worker process did die at step 4 ...
+    assert crash["step"] == 4
+    (rec,) = out.records.values()
+    assert rec.status == "FINISHED"
+    steps = [h["step"] for h in rec.history]
+    # ... and its trial went on from the step-4 checkpoint: step 6 reported, step 2 never redone
+    assert steps[-1] == 6 and steps.count(2) == 1 and 4 in steps
+    # the checkpoint Ray kept merges both ranks' folders: both ZeRO partitions, both RNG states
+    files = {p.name for p in Path(rec.checkpoint).rglob("*")}
+    assert {"rng-rank0.json", "rng-rank1.json", "adapter_model.safetensors", "trainer_state.json"} <= files
+    assert {f for f in files if f.startswith("zero_pp_rank_")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    _, runs = child_runs(uri, "sweep-fault")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["resources.workers_per_trial"] == "2"
+
+
+def test_resume_after_interrupting_the_driver_redoes_no_finished_trial(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, experiment="sweep-resume", seeds=[0, 1, 2])
+    spec = load_spec(path)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", "run", str(path), "--tracking-uri", uri,
+                               "--storage", str(tmp_path / "sweeps")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        finished = []
+        while time.time() < deadline and not finished:
+            time.sleep(2)
+            try:
+                _, runs = child_runs(uri, "sweep-resume")
+            except Exception:   # the store or the experiment does not exist yet
+                continue
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+        assert finished, "no trial finished in time"
+        driver.send_signal(signal.SIGINT)   # interrupt the driver mid-sweep
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    _, before = child_runs(uri, "sweep-resume")
+    done_before = {r.data.tags["trial_key"]: r.info.run_id for r in before if r.info.status == "FINISHED"}
+    assert 0 < len(done_before) < len(spec.trials())
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps", resume=True)
+    _, after = child_runs(uri, "sweep-resume")
+    finished_after = [r for r in after if r.info.status == "FINISHED"]
+    keys = [r.data.tags["trial_key"] for r in finished_after]
+    assert sorted(keys) == sorted(t["trial_key"] for t in spec.trials())   # every trial accounted for, once
+    for key, run_id in done_before.items():   # finished trials kept their run: not redone
+        assert [r.info.run_id for r in finished_after if r.data.tags["trial_key"] == key] == [run_id]
+    assert sorted(out.summary["method"]) == ["cla", "lora"] and (out.summary["n_seeds"] == 3).all()
+
+
+def test_a_trial_that_keeps_failing_is_recorded_as_failed_with_its_error(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, methods=["cla"], seeds=[0], experiment="sweep-failing", max_failures=0,
+                     train={"steps": 4, "batch_size": 4, "max_length": 32, "eval_every": 2, "eval_examples": 4})
+    out = run_sweep(load_spec(path), path, tracking_uri=uri, storage_root=tmp_path / "sweeps",
+                    _fault={"_crash_at_step": 2, "_crash_marker": str(tmp_path / "crashed.json")})
+    (rec,) = out.records.values()
+    assert rec.status == "FAILED" and rec.error   # no retries left: the crash is final
+    client, runs = child_runs(uri, "sweep-failing")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["sparta.error"] == rec.error
+    (parent,) = client.search_runs([runs[0].info.experiment_id], "tags.`sparta.role` = 'sweep'")
+    assert parent.data.metrics["failed_trials"] == 1 and not out.registered

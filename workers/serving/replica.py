@@ -1,0 +1,223 @@
+"""The Ray Serve replica: a thin FastAPI ingress (OpenAI-style HTTP) around a `workers.serving.engine.Engine`.
+
+Concurrent requests are gathered by `@serve.batch` and decoded together (`Engine.run` groups them by
+compatible settings); the model runs in a worker thread so the replica keeps answering (health checks,
+streamed tokens) while it decodes. pipelines.serving.deploy builds and deploys it; nothing here imports pipelines.
+"""
+# No `from __future__ import annotations`: FastAPI resolves the handlers' annotations at runtime.
+import asyncio
+import hmac
+import os
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve import metrics
+from starlette.exceptions import HTTPException   # what routing raises (FastAPI's is a subclass)
+
+from workers.serving import protocol as api
+from workers.serving.engine import Completion, Engine, EngineConfig, Job, RequestError, art_config, kv_config
+from workers.serving.metrics import MetricsReporter
+
+app = FastAPI(title="sparta serve", docs_url=None, redoc_url=None)
+_END = object()   # end of a streamed job's text
+
+
+@app.exception_handler(api.ApiError)
+async def _api_error(request: Request, exc: api.ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:   # unknown routes, wrong methods
+    return JSONResponse(api.ApiError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(api.ApiError(400, str(exc)).body(), status_code=400)
+
+
+@app.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(api.ApiError(500, f"{type(exc).__name__}: {exc}").body(), status_code=500)
+
+
+def _metrics() -> dict:
+    latency = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
+    return {
+        "requests": metrics.Counter("sparta_requests", "Requests answered, by endpoint and HTTP status.",
+                                    tag_keys=("endpoint", "status")),
+        "tokens": metrics.Counter("sparta_output_tokens", "Completion tokens generated.", tag_keys=("endpoint",)),
+        "latency": metrics.Histogram("sparta_request_latency_s", "Request latency in seconds (to the last token).",
+                                     boundaries=latency, tag_keys=("endpoint",)),
+        "tokens_per_s": metrics.Histogram("sparta_output_tokens_per_s", "Per-request completion tokens per second.",
+                                          boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tag_keys=("endpoint",)),
+        "skipped": metrics.Histogram("sparta_art_skipped_fraction", "Fraction of candidate KV blocks ART skipped "
+                                     "in a request's decode batch.", boundaries=[0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
+                                     tag_keys=("endpoint",)),
+    }
+
+
+@serve.deployment(name="SpartaReplica")
+@serve.ingress(app)
+class Replica:
+    """One model per replica (loaded once, offline). `config`: workers.serving.engine.EngineConfig fields;
+    `api_key`: when set, /v1 routes need `Authorization: Bearer <key>`; `metrics`: {tracking_uri, run_id,
+    interval_s} of the deployment's MLflow run (workers.serving.metrics), None: no MLflow reports."""
+
+    def __init__(self, config: dict, api_key: str | None = None, max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.01, metrics: dict | None = None):
+        self.engine = Engine(EngineConfig(**config))
+        self.name = self.engine.cfg.served_name
+        self.api_key = api_key
+        self._generate.set_max_batch_size(max_batch_size)
+        self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:   # constructed outside Serve
+            self.replica_id = "local"
+        self.metrics = _metrics()
+        self.counts = {"requests": 0, "errors": 0, "output_tokens": 0}
+        self.started = time.time()
+        self.reporter = MetricsReporter(**metrics, replica_id=self.replica_id).start() if metrics else None
+
+    def __del__(self):   # Serve calls it on a graceful shutdown: the last report
+        if getattr(self, "reporter", None) is not None:
+            self.reporter.stop()
+
+    # -- batching ----------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate(self, jobs: list[Job]) -> list[Completion]:
+        return await asyncio.to_thread(self.engine.run, jobs)
+
+    # -- routes ------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "model": self.name, "replica": self.replica_id, "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 1), **self.counts}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        # max_model_len as vLLM reports it: clients (sparta eval) check prompt lengths before sending
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(self.started),
+                                            "owned_by": "sparta", "max_model_len": self.engine.cfg.max_context}]}
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    # -- the work ----------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise api.ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+
+    def _job(self, req, chat: bool) -> tuple[Job, list[int]]:
+        """Validate against the model and the server's limits; RequestError -> 4xx."""
+        if req.model != self.name:
+            raise RequestError(f"unknown model {req.model!r}; this server serves: {self.name}", "model",
+                               code="model_not_found", status=404)
+        art = art_config(req.art, self.engine.art)
+        kv = kv_config(req.kv, (self.engine.cfg.policy, self.engine.cfg.policy_ratio))
+        if chat:
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            prompt = self.engine.check_prompt_ids(self.engine.codec.chat(messages), "messages")
+            budget = self.engine.max_tokens_for(len(prompt), req.token_budget, "messages")
+        else:
+            ids = self.engine.codec.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
+            prompt = self.engine.check_prompt_ids(ids, "prompt")
+            budget = self.engine.max_tokens_for(len(prompt), req.max_tokens, "prompt")
+        return Job(prompt, budget, req.stop, art, kv=kv), prompt
+
+    async def _serve(self, request: Request, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        start = time.perf_counter()
+        try:
+            self._authorize(request)
+            req = api.parse_request(await request.body(), api.ChatRequest if chat else api.CompletionRequest)
+            try:
+                job, prompt = self._job(req, chat)
+            except RequestError as e:
+                raise api.ApiError(e.status, e.message, e.param, e.code) from None
+        except api.ApiError as e:
+            self._count(endpoint, e.status)
+            return JSONResponse(e.body(), status_code=e.status, headers={"x-sparta-replica": self.replica_id})
+        rid = api.new_id("chatcmpl" if chat else "cmpl")
+        ids = prompt if req.return_token_ids else None
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(job, rid, chat, include_usage, ids, start, endpoint),
+                                     media_type="text/event-stream", headers={"x-sparta-replica": self.replica_id})
+        done = await self._generate(job)
+        self._record(endpoint, done, start)
+        return JSONResponse(api.completion_body(rid, self.name, done, self.replica_id, ids, chat),
+                            headers={"x-sparta-replica": self.replica_id})
+
+    async def _stream(self, job: Job, rid: str, chat: bool, include_usage: bool, ids: list[int] | None,
+                      start: float, endpoint: str) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        # The engine calls on_text from its worker thread; the loop delivers pieces in order, and the
+        # batch's result (hence _END) only after them.
+        job.on_text = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
+        task = asyncio.ensure_future(self._generate(job))
+        task.add_done_callback(lambda _: queue.put_nowait(_END))
+        try:
+            if chat:
+                yield api.chunk(rid, self.name, chat, role=True)
+            while (piece := await queue.get()) is not _END:
+                yield api.chunk(rid, self.name, chat, text=piece)
+            try:
+                done = task.result()
+            except Exception as e:   # the batch failed: tell the client in-band, the status line is sent
+                self._count(endpoint, 500)
+                yield api.sse({"error": {"message": f"generation failed: {e}", "type": "server_error",
+                                         "param": None, "code": None}})
+                yield api.sse("[DONE]")
+                return
+            extra = {"art": done.art.to_dict(), "replica": self.replica_id}
+            if ids is not None:
+                extra.update(prompt_token_ids=ids, token_ids=list(done.tokens))
+            yield api.chunk(rid, self.name, chat, finish=done.finish_reason, **extra)
+            if include_usage:
+                yield api.sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                               "created": int(time.time()), "model": self.name, "choices": [],
+                               "usage": api.usage(done.prompt_tokens, done.completion_tokens)})
+            yield api.sse("[DONE]")
+            self._record(endpoint, done, start)
+        finally:
+            job.cancelled = True   # a client that went away stops its row at the next step
+
+    def _count(self, endpoint: str, status: int) -> None:
+        self.metrics["requests"].inc(1, tags={"endpoint": endpoint, "status": str(status)})
+        self.counts["requests"] += 1
+        if status >= 400:
+            self.counts["errors"] += 1
+        if self.reporter is not None:
+            self.reporter.request(status)
+
+    def _record(self, endpoint: str, done: Completion, start: float) -> None:
+        seconds = time.perf_counter() - start
+        tags = {"endpoint": endpoint}
+        self._count(endpoint, 200)
+        self.counts["output_tokens"] += done.completion_tokens
+        if self.reporter is not None:
+            self.reporter.completion(done.completion_tokens, seconds, done.art.skipped_fraction)
+        self.metrics["tokens"].inc(done.completion_tokens, tags=tags)
+        self.metrics["latency"].observe(seconds, tags=tags)
+        if seconds > 0:
+            self.metrics["tokens_per_s"].observe(done.completion_tokens / seconds, tags=tags)
+        self.metrics["skipped"].observe(done.art.skipped_fraction, tags=tags)
