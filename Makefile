@@ -18,7 +18,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install assets run ui test test-fast bench-train clean
+.PHONY: install assets run ui test test-fast bench-train docs clean
 
 install: $(INSTALLED) $(ASSETS) $(BIGBENCH)
 
@@ -65,6 +65,10 @@ test-fast: install
 
 bench-train: install
 	$(BIN)/sparta bench train --model minilm-l6 --methods all --steps 30
+
+# The spec reference in docs/sweeps.md and docs/serving.md, generated from the pydantic spec models.
+docs: $(INSTALLED)
+	$(BIN)/python -m pipelines.spec_reference --write
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -181,7 +181,7 @@ class SelectorLinear(AdapterLayer):
     @torch.no_grad()
     def set_selector(self, idx: torch.Tensor) -> None:
         self.idx = idx.to(device=self.base_layer.weight.device, dtype=torch.long)
-        self._idx_key = (str(self.idx.device), *idx.tolist())
+        self._key_src = None   # the gather key is re-read from the new buffer at the next forward
         if self.columns:
             self.paca_P.copy_(self.base_layer.weight[:, self.idx])
 
@@ -202,6 +202,22 @@ class SelectorLinear(AdapterLayer):
         w0 = self.base_layer.weight
         w0.copy_(_patched_weight(w0, self.cols, self.idx, self.scale, self.columns))
 
+    def _gather_key(self) -> tuple:
+        """The values of idx (with its device), which decide whether q and v may share one gather.
+
+        Derived from the buffer itself, not from set_selector: load_state_dict (DeepSpeed's resume) copies
+        into idx in place, and a key left from before would let two layers share a stale gather. Re-read
+        (one .tolist(), a host sync on GPU) only when the buffer changed: a new tensor, an in-place write
+        (its version counter) or a move; otherwise a tuple compare per forward.
+        """
+        idx = self.idx
+        src = (idx.device, idx.data_ptr(), idx._version)
+        if self._key_src != src:
+            self._key_src, self._key = src, (str(idx.device), *idx.tolist())
+        return self._key
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The key only matters when the columns' gradient needs the gathered input (training).
+        key = self._gather_key() if torch.is_grad_enabled() and self.cols.requires_grad else ()
         return _SelectorLinearFn.apply(x, self.base_layer.weight, self.base_layer.bias, self.cols,
-                                       self.idx, self.scale, self.columns, self._idx_key)
+                                       self.idx, self.scale, self.columns, key)

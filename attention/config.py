@@ -72,7 +72,7 @@ class ARTConfig:
     def preset(cls, name: str, **overrides) -> "ARTConfig":
         """A fresh config from `PRESETS`: "paper" (the reported defaults), "certified" (eps = 1e-3),
         "tuned" (the best trade-off in our SmolLM2-135M sweeps) or "aggressive" (their fast, lossy end);
-        see the README's ART section."""
+        see docs/art.md."""
         if name not in PRESETS:
             raise ValueError(f"unknown ART preset {name!r}; valid: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -99,19 +99,38 @@ def parse_art(text: str) -> ARTConfig:
         kind = ARTConfig.__dataclass_fields__.get(key)
         if kind is None:
             raise ValueError(f"unknown ART field {key!r} in {text!r}; valid: {', '.join(ARTConfig.__dataclass_fields__)}")
-        default = getattr(ARTConfig(), key)
-        try:
-            overrides[key] = (value.lower() in ("1", "true", "yes") if isinstance(default, bool) else
-                              type(default)(float(value)) if isinstance(default, (int, float)) else value)
-        except ValueError:
-            raise ValueError(f"ART field {key!r} in {text!r}: {value!r} is not a number") from None
+        overrides[key] = _override_value(key, value, text)
     return ARTConfig.preset(name, **overrides)
+
+
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _override_value(key: str, value: str, text: str) -> Any:
+    """One FIELD=VALUE of parse_art as the field's type; refused, never rounded or read as False."""
+    default = getattr(ARTConfig(), key)
+    where = f"ART field {key!r} in {text!r}"
+    if isinstance(default, bool):
+        if value.lower() not in _BOOLS:
+            raise ValueError(f"{where}: {value!r} is not a boolean; valid: {', '.join(_BOOLS)}")
+        return _BOOLS[value.lower()]
+    if not isinstance(default, (int, float)):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: {value!r} is not a number") from None
+    if isinstance(default, int):
+        if not number.is_integer():   # 32.5 must not become 32 (1e3 and 32.0 are whole numbers)
+            raise ValueError(f"{where}: {value!r} is not an integer")
+        return int(number)
+    return number
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(mode="stability", tau=1e-7, phi=1e-3, patience=5),
     "certified": dict(mode="certified", eps=1e-3),
-    # Chosen with the passkey sweeps in the README (SmolLM2-135M, 1K-4K tokens): visits 85% of the blocks
+    # Chosen with the passkey sweeps in docs/art.md (SmolLM2-135M, 1K-4K tokens): visits 85% of the blocks
     # at 4K with no passkey lost at 1K-2K; heavy blocks first (by key bound) so that a retrieval head meets
     # its needle before it may stop. Every setting we tried that skips blocks at 4K lost a passkey there.
     "tuned": dict(mode="stability", tau=1e-3, phi=1e-4, patience=5, block_size=64, order="bound"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,5 +31,5 @@ def markdown_rows(text: str) -> list[list[str]]:
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("|") and not set(line) <= set("|:- "):
-            rows.append([c.strip() for c in line.strip("|").split("|")])
+            rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line[1:-1])])   # "\|" is a pipe inside a cell
     return rows

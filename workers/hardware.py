@@ -8,8 +8,14 @@ from pathlib import Path
 
 import torch
 
+DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 PRECISIONS = ("auto", "fp32", "bf16")   # the training loop's names for the same choice
+
+
+def resolve_device(name: str = "auto") -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; other names unchanged."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def cpu_name() -> str:

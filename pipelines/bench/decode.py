@@ -30,7 +30,7 @@ from attention.config import parse_art
 from attention.generate import Prefilled, greedy_decode, prefill
 from attention.hf import POLICIES, make_press
 from pipelines.bench.common import Verdict
-from workers.hardware import cpu_name
+from workers.hardware import DTYPES, cpu_name, resolve_dtype
 
 STOCK = "stock"
 OFF = "off"
@@ -62,7 +62,7 @@ class BenchDecodeConfig:
     prompts: int = 4
     new_tokens: int = 12
     rounds: int = 2
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,8 +84,9 @@ class BenchDecodeConfig:
                 raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
         if not 0.0 <= self.policy_ratio < 1.0:
             raise ConfigError("policy_ratio", f"must be in [0, 1), got {self.policy_ratio!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError("dtype", f"valid: float32, bfloat16; got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"valid: {', '.join(DTYPES)}; got {self.dtype!r}")
+        self.dtype = resolve_dtype(self.dtype, "cpu")   # auto: what this CPU runs natively (the benchmark is CPU-only)
         self.art_configs()   # unknown presets fail here, before any model loads
 
     def art_configs(self) -> list[tuple[str, ARTConfig]]:

@@ -23,6 +23,7 @@ from adapters import METHODS, AdapterConfig, apply
 from adapters.targets import default_targets
 from pipelines.bench.common import Verdict
 from workers.data.assets import load_model
+from workers.hardware import resolve_dtype
 
 MiB = 2**20
 SPARSE = ("cla", "r_cla", "c3la", "r_c3la")
@@ -42,9 +43,12 @@ class BenchConfig:
     lr: float = 1e-5
     num_labels: int = 4
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"    # bf16 where the device runs it natively, else fp32 (workers.hardware)
     peft: bool = True
     seed: int = 0
+
+    def __post_init__(self):
+        self.dtype = resolve_dtype(self.dtype, self.device)
 
 
 @dataclass

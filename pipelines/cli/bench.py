@@ -36,7 +36,8 @@ def bench_train(
     rank: int = typer.Option(16, min=1),
     alpha: Optional[float] = typer.Option(None, help="default 2 * rank"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
-    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the device runs it natively, else float32), "
+                              "float32 or bfloat16"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)"),
     peft: bool = typer.Option(True, help="include the HF PEFT LoRA reference rows"),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="default bench-results/train-<model>.csv"),
@@ -53,8 +54,8 @@ def bench_train(
         check_model_name(model)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
-    if dtype not in ("float32", "bfloat16"):
-        raise typer.BadParameter("valid: float32, bfloat16", param_hint="--dtype")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise typer.BadParameter("valid: auto, float32, bfloat16", param_hint="--dtype")
     if threads:
         torch.set_num_threads(threads)
     cfg = bt.BenchConfig(model=model, methods=_parse_methods(methods), steps=steps, warmup=warmup,
@@ -87,7 +88,8 @@ def bench_decode(
     prompts: int = typer.Option(4, help="distinct passkey prompts per context (prefilled together)"),
     new_tokens: int = typer.Option(12, help="greedy tokens per sequence (the prefill's first one included)"),
     rounds: int = typer.Option(2, help="round-robin rounds over the rows of each context x batch"),
-    dtype: str = typer.Option("bfloat16", help="float32 or bfloat16"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the CPU runs it natively, else float32), "
+                              "float32 or bfloat16"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)"),
     seed: int = typer.Option(0, help="seeds passkeys and haystack offsets"),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="default bench-results/decode-<model>.csv"),

@@ -53,7 +53,8 @@ def niah(
     max_tokens: Optional[int] = typer.Option(None, help="answer budget (default: per case, room for every value)"),
     batch: int = typer.Option(4, help="prompts decoded together (in-process) or sent at once (endpoint)"),
     seed: int = typer.Option(0, help="seeds keys, values and haystack offsets"),
-    dtype: str = typer.Option("bfloat16", help="in-process: float32 or bfloat16"),
+    dtype: str = typer.Option("auto", help="in-process: auto (bfloat16 where the device runs it natively), "
+                              "float32 or bfloat16"),
     device: str = typer.Option("auto", help="in-process: auto, cpu or cuda"),
     threads: Optional[int] = typer.Option(None, min=1, help="in-process: torch CPU threads"),
     model_override: List[str] = typer.Option([], "--model-override", help="in-process: model config KEY=VALUE "

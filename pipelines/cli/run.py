@@ -49,6 +49,7 @@ def run(console, sweep_spec: Path = SWEEP, serve_spec: Path = SERVE, tracking_ur
     from pipelines.sweeps.driver import run_sweep
     from pipelines.sweeps.spec import load_spec
     from pipelines.sweeps.summary import render
+    from workers.hardware import resolve_device, why
 
     t0 = time.perf_counter()
     tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -58,6 +59,7 @@ def run(console, sweep_spec: Path = SWEEP, serve_spec: Path = SERVE, tracking_ur
     timings, metrics_runs = {}, []
     try:
         console.rule(f"1/3 sweep {sweep.experiment!r}: {len(sweep.trials())} trials")
+        console.print(f"dtype auto here: {why(resolve_device())} (training precision and serving dtype)")
         progress = SweepProgress(len(sweep.trials()), console)
         with progress.live:
             outcome = run_sweep(sweep, sweep_spec, tracking_uri=tracking_uri, storage_root=storage,

@@ -83,6 +83,10 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="the ser
                       str(spec_path.resolve()), os.environ.get("SPARTA_SERVE_LOG", ""),
                       os.environ.get("RAY_AUTH_MODE", "")).write(path)
         typer.echo(f"serving {spec.served_name} at {url}  (OpenAI API: {url}/v1; Ctrl-C stops)")
+        if spec.dtype == "auto":
+            from workers.hardware import resolve_device, why
+
+            typer.echo(f"dtype auto: {why(resolve_device(spec.device))}")
         if metrics is not None:
             typer.echo(f"replica metrics every {spec.metrics_interval_s:g} s to MLflow run {metrics.run_id} "
                        f"(experiment {spec.metrics_experiment}, {metrics.tracking_uri})")

@@ -66,6 +66,11 @@ def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> N
     from pipelines.sweeps.summary import render
 
     console = make_console(160)
+    if parsed.train.precision == "auto":
+        from workers.hardware import resolve_device, why
+
+        console.print(f"train.precision auto: {why(resolve_device())} (each worker decides for its own device; "
+                      "the trial's MLflow run is tagged sparta.precision)")
     progress = SweepProgress(len(parsed.trials()), console)
     with progress.live:
         outcome = run_sweep(parsed, spec_path, tracking_uri=tracking_uri, storage_root=storage, resume=resume,

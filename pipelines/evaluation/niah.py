@@ -28,6 +28,7 @@ from typing import Callable
 import pandas as pd
 
 from pipelines import tables
+from workers.hardware import DEVICES, DTYPES, resolve_device, resolve_dtype
 from workers.data.niah import VARIANTS, Case, build_cases, found_values, score
 
 EXPERIMENT = "sparta-eval"
@@ -91,7 +92,7 @@ class NiahConfig:
     max_tokens: int | None = None
     batch: int = 4
     seed: int = 0
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
     api_key: str | None = None
@@ -126,8 +127,12 @@ class NiahConfig:
                 raise ConfigError(name, f"must be >= {low}, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError("max_tokens", f"must be >= 1, got {self.max_tokens}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError("dtype", f"valid: float32, bfloat16; got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ConfigError("device", f"valid: {', '.join(DEVICES)}; got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"valid: {', '.join(DTYPES)}; got {self.dtype!r}")
+        # auto: what this machine runs natively
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, resolve_device(self.device)))
         if not self.art or len(set(self.art)) != len(self.art):
             raise ConfigError("art", f"give one or more distinct settings, got {', '.join(self.art) or '(none)'}")
         for a in self.art:

@@ -41,8 +41,11 @@ def open_metrics_run(spec: ServeSpec, resolved=None) -> MetricsRun | None:
     run = client.create_run(store.ensure_experiment(uri, spec.metrics_experiment), run_name=spec.served_name,
                             tags=tags)
     values = spec.model_dump(mode="json", exclude={"api_key"})
+    from workers.hardware import resolve_device, resolve_dtype
+
+    values["resolved"] = {"dtype": resolve_dtype(spec.dtype, resolve_device(spec.device))}   # as a local replica has it
     if resolved is not None:
-        values["resolved"] = {"model": resolved.model, "adapter": resolved.adapter}
+        values["resolved"].update({"model": resolved.model, "adapter": resolved.adapter})
     store.log_params(client, run.info.run_id, values)
     return MetricsRun(uri, run.info.run_id, spec.metrics_interval_s)
 

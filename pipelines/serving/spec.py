@@ -84,8 +84,17 @@ def _check_tokenizer(name: str | None, info: ValidationInfo) -> str | None:
 
 
 def _check_art(value: Any) -> Any:
+    from attention.config import PRESETS
     from workers.serving.engine import RequestError, art_config
 
+    # YAML 1.1 reads a bare off / no / false as the boolean False: in a spec that means ART off. A bare
+    # true / on / yes says nothing about which settings, so it is refused with the choices.
+    if value is False:
+        return "off"
+    if value is True:
+        raise FieldError((), f"true (YAML also reads a bare on / yes as true) is ambiguous; give a preset name "
+                             f"({', '.join(PRESETS)}) with optional +field=value overrides, off, or a mapping of "
+                             "ARTConfig fields")
     try:
         art_config(value)
     except RequestError as e:
@@ -137,7 +146,8 @@ class ServeSpec(Section):
     tokenizer: Annotated[str | None, AfterValidator(_check_tokenizer)] = None
     model_overrides: dict[str, Any] = Field(default_factory=dict)
     tracking_uri: str | None = None    # for models:/, runs:/ and the metrics run (default: $MLFLOW_TRACKING_URI or ./mlruns)
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # auto: bfloat16 on CUDA and on CPUs with AMX / AVX-512 BF16, float32 elsewhere (workers.hardware)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kv: KVSpec = Field(default_factory=KVSpec)
     art: Annotated[Any, AfterValidator(_check_art)] = "off"

@@ -132,9 +132,11 @@ def tune_config(spec):
 
     sched = spec.scheduler
     if sched.type == "asha":
+        # time_attr counts reports (one per evaluation), the unit of grace_period and max_t in the spec;
+        # "step" (optimizer steps) would stop every trial once its step count passed max_t evaluations.
         scheduler = ASHAScheduler(metric=sched.metric, mode=sched.mode, grace_period=sched.grace_period,
                                   reduction_factor=sched.reduction_factor, max_t=sched.max_t,
-                                  time_attr="step")
+                                  time_attr="training_iteration")
     else:
         scheduler = FIFOScheduler()
     return tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=spec.max_concurrent)

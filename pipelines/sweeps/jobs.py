@@ -57,13 +57,11 @@ def status(job_id: str, address: str) -> str:
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def wait(job_id: str, address: str, poll_s: float = 2.0) -> str:
+def wait(job_id: str, address: str, poll_s: float = 2.0, timeout_s: float = float("inf")) -> str:
     """Block until the job reaches a terminal state; returns it."""
-    import time
+    from pipelines.http import wait_until
 
-    while (state := status(job_id, address)) not in TERMINAL:
-        time.sleep(poll_s)
-    return state
+    return wait_until(lambda: (s := status(job_id, address)) in TERMINAL and s, timeout_s, f"Ray Job {job_id}", poll_s)
 
 
 def logs(job_id: str, address: str) -> str:

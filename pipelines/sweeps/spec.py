@@ -314,7 +314,8 @@ class TrainSpec(Section):
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(128, ge=8)
     eval_every: int | None = Field(None, ge=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 where a trial's worker runs it natively (CUDA, AMX / AVX-512 BF16 CPUs), fp32 elsewhere
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     framing: Literal["auto", "classification", "generation"] = "auto"
     eval_examples: int | None = Field(None, ge=1)
 
@@ -357,7 +358,8 @@ class SchedulerSpec(Section):
     mode: Literal["max", "min"] = "max"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2, gt=1)
-    max_t: int | None = Field(None, ge=1)   # null: the number of evaluations a trial makes, if known
+    # grace_period and max_t count evaluations (Tune's training_iteration), as the trials report them.
+    max_t: int | None = Field(None, ge=1)   # null: the number of evaluations a trial makes
 
     @model_validator(mode="after")
     def _asha_fields(self) -> SchedulerSpec:
@@ -423,6 +425,9 @@ class SweepSpec(Section):
                     raise FieldError(("train", "framing"), f"generation needs a causal LM, but models[{i}] "
                               f"{model_label(model)!r} is an encoder; use classification or auto", root=True)
         ds = self.deepspeed
+        if ds.config is None and ds.bf16 is not None and self.train.precision == "auto":
+            raise FieldError(("deepspeed", "bf16"), "train.precision auto sets bf16 per worker; leave deepspeed.bf16 "
+                             "unset, or set train.precision to fp32 or bf16", root=True)
         if ds.config is None and ds.bf16 is not None and ds.bf16 != (self.train.precision == "bf16"):
             raise FieldError(("deepspeed", "bf16"), f"bf16: {str(ds.bf16).lower()} contradicts train.precision "
                       f"{self.train.precision!r}; leave deepspeed.bf16 unset to follow it", root=True)
@@ -438,7 +443,11 @@ class SweepSpec(Section):
                           "train.eval_every (steps); without it a trial reports once, at the end", root=True)
             evals = self._evaluations()
             if sch.max_t is None:
-                object.__setattr__(sch, "max_t", evals or 100)
+                if evals is None:
+                    raise FieldError(("scheduler", "max_t"), "training by epochs, the number of evaluations a "
+                                     "trial makes is unknown before its data loads: set scheduler.max_t (in "
+                                     "evaluations) or train by train.steps", root=True)
+                object.__setattr__(sch, "max_t", evals)
             if sch.max_t < sch.grace_period:
                 raise FieldError(("scheduler", "grace_period"), f"grace_period ({sch.grace_period}) exceeds the "
                           f"{sch.max_t} evaluations a trial makes", root=True)
@@ -525,9 +534,10 @@ class SweepSpec(Section):
             "train_micro_batch_size_per_gpu": self.train.batch_size,
             "gradient_accumulation_steps": 1,
             "zero_optimization": zero,
-            "bf16": {"enabled": self.train.precision == "bf16"},
             "zero_allow_untested_optimizer": True,
         }
+        if self.train.precision != "auto":   # auto: the loop sets bf16 for the device its worker has
+            out["bf16"] = {"enabled": self.train.precision == "bf16"}
         if ds.config is not None:
             return _deep_merge(out, ds.config)
         if ds.offload == "cpu":

@@ -184,6 +184,8 @@ class SweepTracker:
             tags["sparta.error"] = str(error)[:5000]
         if isinstance(final.get(NODE_KEY), str):   # the Ray node its rank-0 worker ran on
             tags["sparta.ray_node_id"] = final[NODE_KEY]
+        if isinstance(final.get("precision"), str):   # what train.precision (auto by default) came to there
+            tags["sparta.precision"] = final["precision"]
         run = self.client.create_run(self.experiment_id, start_time=start, tags=tags, run_name=key)
         run_id = run.info.run_id
         ok = False

@@ -140,3 +140,41 @@ def test_q_and_v_with_one_selector_save_one_gather(method, shared):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model["q"](x2).sum().backward()
     assert len(storages) == (2 if shared else 3)
+
+
+def test_loaded_selectors_do_not_share_a_stale_gather():
+    """load_state_dict (DeepSpeed's resume) rewrites the idx buffers in place: q and v, which shared
+    cla's columns [0, r), must each gather their loaded columns, as layers built with them do."""
+    from .conftest import batch, tiny_model
+
+    def adapted():
+        model = tiny_model("llama")
+        h = apply(model, AdapterConfig(method="cla", rank=R // 2))
+        return model, h
+
+    model, h = adapted()
+    ids, labels = batch(model)
+    model(ids, labels=labels).loss.backward()   # a forward with the initial (shared) columns first
+    model.zero_grad(set_to_none=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(3)
+    loaded = {}
+    for name, layer in h.layers.items():
+        idx = torch.randperm(layer.in_features, generator=gen)[:layer.rank].sort().values
+        loaded[name] = idx
+        state[f"{name}.idx"] = idx
+        state[f"{name}.lora_B"] = torch.randn(layer.out_features, layer.rank, generator=gen)
+    q, v = (next(n for n in loaded if n.endswith(f"layers.0.self_attn.{p}")) for p in ("q_proj", "v_proj"))
+    assert not torch.equal(loaded[q], loaded[v]) and not torch.equal(loaded[q], torch.arange(R // 2))
+    model.load_state_dict(state)
+
+    fresh, fh = adapted()
+    fresh.load_state_dict({k: t for k, t in state.items() if not k.endswith(".idx")}, strict=False)
+    for name, layer in fh.layers.items():
+        layer.set_selector(loaded[name])
+    for m in (model, fresh):
+        m(ids, labels=labels).loss.backward()
+    for name in loaded:
+        assert torch.equal(h.layers[name].idx, fh.layers[name].idx)
+        torch.testing.assert_close(h.layers[name].lora_B.grad, fh.layers[name].lora_B.grad, rtol=0, atol=0,
+                                   msg=lambda m: f"{name}: {m}")

@@ -168,6 +168,24 @@ def test_presets_and_overrides():
         ARTConfig.preset("fast")
 
 
+def test_parse_art_overrides_are_checked_not_coerced():
+    from attention import parse_art
+
+    cfg = parse_art("tuned+block_size=32+tau=3e-3+patience=1e1+order=recency")
+    assert (cfg.block_size, cfg.tau, cfg.patience, cfg.order) == (32, 3e-3, 10, "recency")
+    assert type(cfg.block_size) is int and type(cfg.patience) is int
+    for text, enabled in [("true", True), ("YES", True), ("1", True), ("False", False), ("no", False), ("0", False)]:
+        assert parse_art(f"paper+enabled={text}").enabled is enabled, text
+    for bad, words in [("tuned+block_size=32.5", "'block_size'.*'32.5' is not an integer"),
+                       ("tuned+patience=2.0001", "'patience'.*'2.0001' is not an integer"),
+                       ("tuned+min_blocks=inf", "'min_blocks'.*'inf' is not an integer"),
+                       ("tuned+enabled=maybe", "'enabled'.*'maybe' is not a boolean; valid: true, false, 1, 0, yes, no"),
+                       ("tuned+enabled=", "'enabled'.*'' is not a boolean"),
+                       ("tuned+tau=fast", "'tau'.*'fast' is not a number")]:
+        with pytest.raises(ValueError, match=words):
+            parse_art(bad)
+
+
 def test_bad_shapes_and_lengths():
     q, k, v = inputs(t=100)
     with pytest.raises(ValueError, match="multiple of kv_heads"):

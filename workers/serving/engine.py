@@ -20,9 +20,9 @@ from attention import ARTConfig, enable_art
 from attention.config import PRESETS, parse_art
 from attention.generate import greedy_decode, prefill
 from attention.hf import POLICIES, make_press
+from workers import hardware
+from workers.hardware import DEVICES, DTYPES   # dtype auto: bf16 where the device runs it natively
 
-DTYPES = ("float32", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda")
 BYTES = "bytes"   # the tokenizer name of workers.data.datasets.ByteTokenizer (what the tiny random models train with)
 # Serving bounds on ART fields beyond ARTConfig's own checks, so one request cannot make a replica crawl.
 ART_BOUNDS = {"block_size": (8, 1024), "patience": (1, 256), "min_blocks": (1, 4096), "sink_tokens": (0, 4096),
@@ -85,6 +85,12 @@ def art_config(value: Any, base: ARTConfig = OFF, param: str = "art") -> ARTConf
             cfg = start.with_overrides(**overrides)
         except ValueError as e:
             raise RequestError(str(e), param) from None
+    elif isinstance(value, bool):
+        # Strict for JSON's booleans: "off" says what is meant; true names no setting. (A serve spec maps
+        # YAML's bare `off`, read as False, to "off" before it gets here: pipelines.serving.spec.)
+        raise RequestError(f"give ART settings as a preset name ({', '.join(PRESETS)}; optional +field=value "
+                           f"overrides), \"off\", or an object of ARTConfig fields; got {str(value).lower()}"
+                           + ('; to turn ART off send "off"' if not value else ""), param)
     else:
         raise RequestError(f"give ART settings as a preset name (with optional +field=value overrides), off, "
                            f"or an object of ARTConfig fields; got {value!r}", param)
@@ -196,6 +202,11 @@ class Completion:
     prompt_tokens: int
     art: ARTUsage
     seconds: float = 0.0              # wall time of the batch it was decoded in
+    # The KV policy applied, which can differ from the one asked for: {"policy": NAME, "ratio": FRACTION},
+    # plus "requested" ({"policy", "ratio"}) and "reason" when the engine served the request otherwise (a
+    # SnapKV-style press on a prompt shorter than its scoring window runs dense). HTTP responses carry it
+    # next to `art`.
+    kv: dict = field(default_factory=dict)
 
     @property
     def completion_tokens(self) -> int:
@@ -266,7 +277,7 @@ class EngineConfig:
     adapter: str | None = None
     tokenizer: str | None = None
     model_overrides: dict = field(default_factory=dict)
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     policy: str = "dense"
     policy_ratio: float = 0.0
@@ -275,6 +286,10 @@ class EngineConfig:
     max_context: int = 2048
     max_new_tokens: int = 256
     threads: int | None = None
+    # Test-only fault injection (like workers.training.trial's _crash_at_step): a batch holding a job whose
+    # prompt is exactly these token ids raises inside the ART session, as a failing model call would.
+    # Never set by a serve spec (pipelines.serving.deploy builds the config without it).
+    _fail_prompt: tuple[int, ...] | None = None
 
     @property
     def served_name(self) -> str:
@@ -332,11 +347,12 @@ class Engine:
         if positions and cfg.max_context > positions:
             raise ValueError(f"max_context {cfg.max_context} exceeds the model's {positions} positions")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model, tok = load_model(cfg.model, task="causal_lm", dtype=getattr(torch, cfg.dtype), **cfg.model_overrides)
+        self.device = torch.device(hardware.resolve_device(cfg.device))
+        self.dtype = hardware.resolve_dtype(cfg.dtype, self.device)   # what `auto` means on this replica
+        self.dtype_reason = hardware.why(self.device) if cfg.dtype == "auto" else "set in the config"
+        model, tok = load_model(cfg.model, task="causal_lm", dtype=getattr(torch, self.dtype), **cfg.model_overrides)
         if cfg.adapter:
             model = adapters.load(model, cfg.adapter).merge()
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         model_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
@@ -407,8 +423,14 @@ class Engine:
             mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=self.device)
         policy, ratio = self.kv_of(jobs[0])
         press = make_press(policy, ratio)
-        if press is not None and width <= getattr(press, "window_size", 0):
-            press = None   # SnapKV-style presses score from a window of the last prompt positions: too short
+        kv: dict[str, Any] = {"policy": policy, "ratio": float(ratio)}
+        window = getattr(press, "window_size", 0) if press is not None else 0
+        if press is not None and width <= window:
+            # SnapKV-style presses score from a window of the last prompt positions: too short, so the
+            # prompt's KV stays whole; say so rather than report a policy that did not run.
+            press = None
+            kv = {"policy": "dense", "ratio": 0.0, "requested": kv,
+                  "reason": f"the prompt ({width} tokens) is not longer than {policy}'s {window}-position window"}
         with press(self.model) if press is not None else nullcontext():   # the policy shapes the prompt's KV
             state = prefill(self.model, ids, mask)
         rows = [_Row(j, self.codec) for j in jobs]
@@ -416,6 +438,9 @@ class Engine:
         art = jobs[0].art
         with enable_art(self.model, art, "quest" if quest else "dense", ratio if quest else 0.0,
                         impl=self.cfg.impl) as session:
+            fail = self.cfg._fail_prompt
+            if fail is not None and any(list(j.prompt) == list(fail) for j in jobs):
+                raise RuntimeError(f"injected engine fault (EngineConfig._fail_prompt={list(fail)})")
 
             def step(_i: int, token: torch.Tensor) -> bool:
                 return all([row.push(t) for row, t in zip(rows, token[:, 0].tolist())])
@@ -427,4 +452,5 @@ class Engine:
         usage = ARTUsage(art.mode if art.active else "off", stats.visited_blocks, stats.candidate_blocks,
                          stats.decode_steps, len(jobs))
         seconds = time.perf_counter() - start
-        return [Completion(r.tokens, r.text, r.finish or "length", len(r.job.prompt), usage, seconds) for r in rows]
+        return [Completion(r.tokens, r.text, r.finish or "length", len(r.job.prompt), usage, seconds, dict(kv))
+                for r in rows]

@@ -180,7 +180,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def completion_body(rid: str, model: str, done, replica: str, token_ids: list[int] | None = None,
                     chat: bool = False) -> dict:
-    """A whole (non-streamed) response for a workers.serving.engine.Completion."""
+    """A whole (non-streamed) response for a workers.serving.engine.Completion. Beyond OpenAI's fields:
+    `art` (the decode batch's ARTUsage), `kv` (the KV policy applied: {policy, ratio}, plus requested and
+    reason when it differs from the one asked for, see Completion.kv) and `replica`; a stream's last
+    chunk carries the same three."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
     if chat:
         choice["message"] = {"role": "assistant", "content": done.text}
@@ -190,7 +193,7 @@ def completion_body(rid: str, model: str, done, replica: str, token_ids: list[in
         choice["token_ids"] = list(done.tokens)
     body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": usage(done.prompt_tokens, done.completion_tokens),
-            "art": done.art.to_dict(), "replica": replica}
+            "art": done.art.to_dict(), "kv": done.kv, "replica": replica}
     if token_ids is not None:
         body["prompt_token_ids"] = token_ids
     return body

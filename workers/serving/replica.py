@@ -7,6 +7,7 @@ streamed tokens) while it decodes. pipelines.serving.deploy builds and deploys i
 # No `from __future__ import annotations`: FastAPI resolves the handlers' annotations at runtime.
 import asyncio
 import hmac
+import logging
 import os
 import time
 from typing import AsyncIterator
@@ -24,6 +25,15 @@ from workers.serving.metrics import MetricsReporter
 
 app = FastAPI(title="sparta serve", docs_url=None, redoc_url=None)
 _END = object()   # end of a streamed job's text
+log = logging.getLogger("ray.serve")   # Serve writes this logger to the replica's log file
+
+
+def _internal_error(what: str, exc: BaseException) -> api.ApiError:
+    """A 500 for the client and the traceback for the server, tied by a new request id. The client gets
+    nothing of the exception: its text can carry prompts, paths and internals."""
+    request_id = api.new_id("req")
+    log.error("request %s: %s failed", request_id, what, exc_info=exc)
+    return api.ApiError(500, f"internal error; request id {request_id}", code="internal_error")
 
 
 @app.exception_handler(api.ApiError)
@@ -43,7 +53,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 @app.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(api.ApiError(500, f"{type(exc).__name__}: {exc}").body(), status_code=500)
+    # The last resort (the /v1 generation routes answer and count their own failures: Replica._failed).
+    return JSONResponse(_internal_error(f"{request.method} {request.url.path}", exc).body(), status_code=500)
 
 
 def _metrics() -> dict:
@@ -98,6 +109,7 @@ class Replica:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.name, "replica": self.replica_id, "pid": os.getpid(),
+                "dtype": self.engine.dtype, "device": str(self.engine.device),
                 "uptime_s": round(time.time() - self.started, 1), **self.counts}
 
     @app.get("/v1/models")
@@ -155,13 +167,18 @@ class Replica:
         except api.ApiError as e:
             self._count(endpoint, e.status)
             return JSONResponse(e.body(), status_code=e.status, headers={"x-sparta-replica": self.replica_id})
+        except Exception as e:   # a bug reading the request: counted, the details only in the log
+            return self._failed(endpoint, e)
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         ids = prompt if req.return_token_ids else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(job, rid, chat, include_usage, ids, start, endpoint),
                                      media_type="text/event-stream", headers={"x-sparta-replica": self.replica_id})
-        done = await self._generate(job)
+        try:
+            done = await self._generate(job)
+        except Exception as e:   # the batch failed (every request in it gets a 500 of its own)
+            return self._failed(endpoint, e)
         self._record(endpoint, done, start)
         return JSONResponse(api.completion_body(rid, self.name, done, self.replica_id, ids, chat),
                             headers={"x-sparta-replica": self.replica_id})
@@ -184,11 +201,10 @@ class Replica:
                 done = task.result()
             except Exception as e:   # the batch failed: tell the client in-band, the status line is sent
                 self._count(endpoint, 500)
-                yield api.sse({"error": {"message": f"generation failed: {e}", "type": "server_error",
-                                         "param": None, "code": None}})
+                yield api.sse(_internal_error(f"{endpoint} (streamed) {rid}", e).body())
                 yield api.sse("[DONE]")
                 return
-            extra = {"art": done.art.to_dict(), "replica": self.replica_id}
+            extra = {"art": done.art.to_dict(), "kv": done.kv, "replica": self.replica_id}   # see api.completion_body
             if ids is not None:
                 extra.update(prompt_token_ids=ids, token_ids=list(done.tokens))
             yield api.chunk(rid, self.name, chat, finish=done.finish_reason, **extra)
@@ -200,6 +216,12 @@ class Replica:
             self._record(endpoint, done, start)
         finally:
             job.cancelled = True   # a client that went away stops its row at the next step
+
+    def _failed(self, endpoint: str, exc: Exception) -> JSONResponse:
+        """An unexpected failure of a request: logged with its traceback, counted, a generic 500."""
+        error = _internal_error(endpoint, exc)
+        self._count(endpoint, 500)
+        return JSONResponse(error.body(), status_code=500, headers={"x-sparta-replica": self.replica_id})
 
     def _count(self, endpoint: str, status: int) -> None:
         self.metrics["requests"].inc(1, tags={"endpoint": endpoint, "status": str(status)})

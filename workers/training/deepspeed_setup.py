@@ -25,6 +25,9 @@ def check_deepspeed(ds: dict, batch_size: int, precision: str) -> None:
     if ds.get("fp16", {}).get("enabled"):
         raise ValueError("fp16 is not offered; use precision='bf16'")
     bf16 = ds.get("bf16", {}).get("enabled")
+    if bf16 is not None and precision == "auto":
+        raise ValueError(f"bf16.enabled={bf16} but precision='auto' (which sets bf16 per device); "
+                         "leave bf16 out of the config, or set precision fp32 or bf16")
     if bf16 is not None and bool(bf16) != (precision == "bf16"):
         raise ValueError(f"bf16.enabled={bf16} but precision={precision!r}; "
                          "set precision only")

@@ -18,7 +18,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +32,7 @@ from deepspeed.accelerator import get_accelerator
 import adapters
 from adapters import AdapterConfig, chain_boundaries
 from workers.data.assets import load_model, model_kind
+from workers.hardware import PRECISIONS, resolve_device, resolve_precision
 from workers.training.deepspeed_setup import chain_step, check_deepspeed, engine_config
 from workers.data.datasets import TASKS, ByteTokenizer, ClassificationFraming, GenerationFraming, load_task
 from workers.data.tables import load_table_task
@@ -39,7 +40,6 @@ from workers.training.metrics import MAIN_METRIC, classification_scores, peak_me
 
 Report = Callable[[dict[str, Any], str], None]
 
-PRECISIONS = ("fp32", "bf16")
 FRAMINGS = ("auto", "classification", "generation")
 # Fields that must match between a checkpoint and the config resuming it (the run's identity).
 _RESUME_KEYS = ("model", "dataset", "method", "seed", "rank", "alpha", "chain_segments", "lora_plus_ratio",
@@ -64,7 +64,9 @@ class TrainConfig:
     eval_every: evaluate, report and checkpoint every this many steps (and always at the end);
         None: at the end only. eval_at_start: also evaluate the untouched model (result["initial"]).
     eval_examples: at most this many examples of each of validation and test (None: all).
-    precision: "fp32" or "bf16" (DeepSpeed's bf16 mode; the model is loaded in bf16).
+    precision: "fp32", "bf16" (DeepSpeed's bf16 mode; the model is loaded in bf16) or "auto" (bf16 where the
+        worker's device runs it natively: CUDA, or a CPU with AMX / AVX-512 BF16; fp32 elsewhere). The
+        precision a run used is reported with its metrics ("precision").
     framing: "classification" (a sequence-classification head), "generation" (a causal LM writes the
         label; loss on the label tokens, accuracy by exact match) or "auto" (encoders classify,
         causal LMs generate).
@@ -92,7 +94,7 @@ class TrainConfig:
     eval_examples: int | None = None
     eval_batch_size: int | None = None
     eval_at_start: bool = False
-    precision: str = "fp32"
+    precision: str = "auto"
     framing: str = "auto"
     split_seed: int = 0
     deepspeed: dict = field(default_factory=dict)
@@ -173,6 +175,7 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
     val = task.validation[:cfg.eval_examples]
     test = task.test[:cfg.eval_examples]
     framing = resolve_framing(cfg)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, resolve_device()))   # auto -> fp32 or bf16
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     if framing == "generation":
         model, tok = load_model(cfg.model, task="causal_lm", dtype=dtype)
@@ -237,6 +240,7 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
                 "train_loss": train_loss,
                 **scores,
                 "metric": MAIN_METRIC,
+                "precision": cfg.precision,
                 "gen_gap": scores["test_loss"] - train_loss,
                 "samples_per_s": len(losses) * global_batch / max(train_s, 1e-9),
                 "wall_s": wall_offset + time.perf_counter() - t_start,

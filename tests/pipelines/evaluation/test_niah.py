@@ -140,7 +140,7 @@ def test_niah_through_the_endpoint_is_the_same_with_certified_art(tmp_path):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = dict(model="smollm2-135m", dtype="bfloat16", device="cpu", max_context=2200, max_new_tokens=64,
+        config = dict(model="smollm2-135m", dtype="auto", device="cpu", max_context=2200, max_new_tokens=64,
                       threads=2)
         serve.run(Replica.options(num_replicas=1, health_check_timeout_s=120, ray_actor_options={"num_cpus": 1})
                   .bind(config, None, 4, 0.05), name="niah-test", route_prefix="/")

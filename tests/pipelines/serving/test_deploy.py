@@ -46,7 +46,7 @@ def test_examples_validate():
 
 
 BAD = [  # spec changes, the field path named, what its message must say
-    ({"dtype": "fp16"}, "dtype", "'float32' or 'bfloat16'"),
+    ({"dtype": "fp16"}, "dtype", "'auto', 'float32' or 'bfloat16'"),
     ({"device": "tpu"}, "device", "'auto', 'cpu' or 'cuda'"),
     ({"kv": {"policy": "snap"}}, "kv.policy", "unknown KV policy 'snap'; valid: dense, streaming, snapkv"),
     ({"kv": {"ratio": 1.0}}, "kv.ratio", "less than 1"),
@@ -99,6 +99,25 @@ def test_load_errors_name_the_file(tmp_path):
         load_serve_spec(path)
     with pytest.raises(ServeSpecError, match="cannot read the spec file"):
         load_serve_spec(tmp_path / "missing.yaml")
+
+
+def test_art_off_in_yaml_text_means_art_off(tmp_path):
+    """YAML 1.1 reads a bare off / no / false as the boolean False: in a spec that is ART off; a bare
+    true / on / yes names no setting and is refused with the choices."""
+    from workers.serving.engine import OFF
+
+    path = tmp_path / "s.yaml"
+    for word in ("off", "false", "no", "Off", '"off"'):
+        path.write_text(f"model: random:llama-tiny\nmax_context: 128\nmax_new_tokens: 16\nart: {word}\n")
+        spec = load_serve_spec(path)
+        assert spec.art == "off" and spec.art_config() == OFF and not spec.art_config().active, word
+    for word in ("true", "on", "yes"):
+        path.write_text(f"model: random:llama-tiny\nmax_context: 128\nmax_new_tokens: 16\nart: {word}\n")
+        with pytest.raises(ServeSpecError) as e:
+            load_serve_spec(path)
+        [(field, message)] = e.value.errors
+        assert field == "art" and "is ambiguous" in message, message
+        assert "paper, certified, tuned, aggressive" in message and "off" in message, message
 
 
 def test_api_key_from_the_environment(monkeypatch):

@@ -166,3 +166,60 @@ def test_a_trial_that_keeps_failing_is_recorded_as_failed_with_its_error(tmp_pat
     assert runs[0].data.tags["sparta.error"] == rec.error
     (parent,) = client.search_runs([runs[0].info.experiment_id], "tags.`sparta.role` = 'sweep'")
     assert parent.data.metrics["failed_trials"] == 1 and not out.registered
+
+
+def test_asha_stops_weak_trials_early_and_lets_the_best_run_every_evaluation(tmp_path):
+    # Four learning rates, six evaluations each, one trial at a time in grid order: the first (the one that
+    # learns) sets every rung's cutoff, so the near-zero rates fall below it and are stopped. grace_period
+    # and max_t count evaluations; ASHA measured in optimizer steps would stop every trial at step max_t.
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, experiment="sweep-asha", methods=["lora"], seeds=[0],
+                     search={"lr": [3e-3, 1e-6, 1e-7, 1e-8], "rank": 8},
+                     train={"steps": 12, "batch_size": 8, "max_length": 64, "eval_every": 2, "eval_examples": 24},
+                     scheduler={"type": "asha", "metric": "val_loss", "mode": "min", "grace_period": 1,
+                                "reduction_factor": 2})
+    spec = load_spec(path)
+    assert spec.scheduler.max_t == 6 and len(spec.trials()) == 4
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps")
+    evaluations = {r.params["lr"]: len(r.history) for r in out.records.values()}
+    last_loss = {r.params["lr"]: r.history[-1]["val_loss"] for r in out.records.values()}
+    best = min(last_loss, key=last_loss.get)
+    print("evaluations per lr:", evaluations, "last val_loss:", last_loss)
+    assert all(r.status == "FINISHED" for r in out.records.values())   # stopped early is not failed
+    assert evaluations[best] == 6, evaluations
+    assert min(evaluations.values()) < 6, evaluations
+    assert [h["step"] for h in next(r for r in out.records.values() if r.params["lr"] == best).history] == \
+        [2, 4, 6, 8, 10, 12]
+
+
+def test_a_gpt2_folder_goes_from_sweep_to_registry_to_serving(tmp_path):
+    # GPT-2's head class is GPT2LMHeadModel (no "ForCausalLM"): one rule (workers.data.assets.model_kind)
+    # must call it a causal LM in the spec, the loop, the registry and serving alike.
+    import transformers as tf
+
+    from pipelines.serving.deploy import engine_config, resolve_model
+    from pipelines.serving.spec import ServeSpec
+    from workers.data.assets import resolve_model_path, tiny_config
+    from workers.serving.engine import Engine, EngineConfig, Job
+
+    folder = tmp_path / "tiny-gpt2"
+    tok = tf.AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))   # a real tokenizer for the folder
+    torch.manual_seed(0)
+    tf.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=len(tok), max_position_embeddings=256)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, experiment="sweep-gpt2", models=[str(folder)], methods=["lora"], seeds=[0],
+                     train={"steps": 2, "batch_size": 4, "max_length": 48, "eval_every": 2, "eval_examples": 4})
+    spec = load_spec(path)
+    assert spec.framing(str(folder)) == "generation"
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps")
+    (reg,) = out.registered
+    serve = ServeSpec.model_validate({"model": reg.uri, "tracking_uri": uri, "max_context": 128,
+                                      "max_new_tokens": 8, "dtype": "float32"})
+    resolved = resolve_model(serve)   # refused before: "adapts ... for classification"
+    assert resolved.model == str(folder) and Path(resolved.adapter, "adapter_config.json").is_file()
+    engine = Engine(EngineConfig(**engine_config(serve, resolved)))
+    [done] = engine.run([Job(engine.codec.encode("The hotel was"), 4)])
+    assert done.completion_tokens == 4 or done.finish_reason == "stop"

@@ -80,7 +80,7 @@ def test_small_example_is_the_make_run_sweep():
     assert cfg["deepspeed"]["zero_optimization"] == {"stage": 0}
     # The defaults for a small CPU machine.
     assert (s.resources.workers_per_trial, s.resources.cpus_per_worker, s.resources.gpus_per_worker) == (1, 1, 0)
-    assert (s.scheduler.type, s.max_concurrent, s.max_failures, s.train.precision) == ("fifo", 1, 1, "fp32")
+    assert (s.scheduler.type, s.max_concurrent, s.max_failures, s.train.precision) == ("fifo", 1, 1, "auto")
 
 
 def test_trial_config_carries_train_and_deepspeed():
@@ -377,9 +377,12 @@ def test_deepspeed_offload_and_override():
 def test_asha_max_t_follows_the_evaluations():
     s = validate(**{"scheduler": {"type": "asha"}, "train.steps": 50, "train.eval_every": 10})
     assert (s.scheduler.max_t, s.scheduler.metric, s.scheduler.mode) == (5, "val_accuracy", "max")
-    by_epoch = validate(**{"scheduler": {"type": "asha", "grace_period": 2},
-                           "train": {"epochs": 6, "eval_every": 10}})
-    assert by_epoch.scheduler.max_t == 100   # steps per epoch are unknown before the data loads
+    # by epochs the evaluations per trial are unknown before the data loads: max_t must be given
+    by_epoch = {"scheduler": {"type": "asha", "grace_period": 2}, "train": {"epochs": 6, "eval_every": 10}}
+    with pytest.raises(SpecError, match="scheduler.max_t: .*in evaluations"):
+        validate(**by_epoch)
+    given_by_epoch = validate(**{**by_epoch, "scheduler": {"type": "asha", "grace_period": 2, "max_t": 8}})
+    assert given_by_epoch.scheduler.max_t == 8
     given = validate(**{"scheduler": {"type": "asha", "max_t": 3}, "train.eval_every": 1})
     assert given.scheduler.max_t == 3
 

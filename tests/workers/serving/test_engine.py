@@ -129,6 +129,21 @@ def test_kv_policy_groups_equal_lengths_and_shrinks_the_cache(engine):
     assert short.tokens == engine.run([Job(ids, 6)])[0].tokens
 
 
+def test_completion_says_which_kv_policy_was_applied(engine):
+    long, short = prompt(engine, 100, seed=21), prompt(engine, 30, seed=22)
+    done = engine.run([Job(long, 3, kv=("snapkv", 0.5)), Job(long, 3), Job(long, 3, kv=("quest", 0.25)),
+                       Job(short, 3, kv=("snapkv", 0.5))])
+    assert done[0].kv == {"policy": "snapkv", "ratio": 0.5}
+    assert done[1].kv == {"policy": "dense", "ratio": 0.0}
+    assert done[2].kv == {"policy": "quest", "ratio": 0.25}
+    # SnapKV scores from the last 64 prompt positions: a 30-token prompt is served dense, and says so
+    kv = done[3].kv
+    assert {k: kv[k] for k in ("policy", "ratio", "requested")} == {
+        "policy": "dense", "ratio": 0.0, "requested": {"policy": "snapkv", "ratio": 0.5}}
+    assert "30" in kv["reason"] and "64" in kv["reason"], kv["reason"]
+    assert done[3].tokens == engine.run([Job(short, 3)])[0].tokens
+
+
 def test_limits(engine):
     assert engine.max_tokens_for(10, None) == 32                 # max_new_tokens caps the default
     assert engine.max_tokens_for(500, None) == 12                # ... and so does the context left
@@ -164,7 +179,10 @@ def test_art_config_values_and_errors():
              ({"mode": "magic"}, "art", "unknown mode 'magic'; valid: stability, certified, off"),
              ("tuned+foo=1", "art", "unknown ART field 'foo'"),
              ("fastest", "art", "unknown ART preset 'fastest'"),
-             (7, "art", "a preset name")]
+             (7, "art", "a preset name"),
+             # JSON's false/true stay errors (a string says what is meant); the spec maps YAML's bare off
+             (False, "art", 'got false; to turn ART off send "off"'),
+             (True, "art", "preset name .paper, certified, tuned, aggressive;.*got true$")]
     for value, param, message in cases:
         with pytest.raises(RequestError, match=message) as e:
             art_config(value)

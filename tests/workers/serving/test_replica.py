@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +23,8 @@ KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CONFIG = dict(model="random:llama-tiny", name="tiny", tokenizer="smollm2-135m", dtype="float32", device="cpu",
               model_overrides={"vocab_size": 49152, "max_position_embeddings": 512}, max_context=256,
-              max_new_tokens=24, art=ARTConfig.preset("tuned", block_size=16).to_dict(), threads=1)
+              max_new_tokens=24, art=ARTConfig.preset("tuned", block_size=16).to_dict(), threads=1,
+              _fail_prompt=(5, 6, 7, 8, 9))   # test-only: a batch holding exactly this prompt raises in the engine
 LAYERS, KV_HEADS = 2, 2
 ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -202,6 +204,14 @@ def test_per_request_kv_policy(url, ref):
     assert snap["choices"][0]["token_ids"] == want.tokens
     assert post(url, "/v1/completions", {**body, "kv": {"policy": "dense"}}).json()["choices"][0]["token_ids"] == \
         dense["choices"][0]["token_ids"]
+    # each response says which KV policy ran; a prompt shorter than SnapKV's 64-position window runs dense
+    assert dense["kv"] == {"policy": "dense", "ratio": 0.0} and snap["kv"] == {"policy": "snapkv", "ratio": 0.5}
+    short = {**body, "prompt": ids[:30], "kv": {"policy": "snapkv", "ratio": 0.5}}
+    kv = post(url, "/v1/completions", short).json()["kv"]
+    assert (kv["policy"], kv["ratio"], kv["requested"]) == ("dense", 0.0, {"policy": "snapkv", "ratio": 0.5})
+    assert "30 tokens" in kv["reason"]
+    streamed = events(url, "/v1/completions", {**short, "stream": True})
+    assert streamed[-1] == "[DONE]" and streamed[-2]["kv"] == kv   # the last chunk, next to art
     # clients learn the context limit (as vLLM reports it) to check prompt lengths before sending
     card = httpx.get(url + "/v1/models", headers=AUTH, timeout=30).json()["data"][0]
     assert card["max_model_len"] == CONFIG["max_context"]
@@ -261,6 +271,57 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(url):
                                                  "max_tokens": 3})):
         replies = [post(url, path, body) for _ in range(4)]   # both replicas, most likely
         assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3 for r in replies)
+
+
+def replica_health(url: str, replicas: int = 2) -> dict[str, dict]:
+    """/healthz (with the request counters) of every replica, by replica id."""
+    out, deadline = {}, time.monotonic() + 60
+    while len(out) < replicas:
+        health = httpx.get(url + "/healthz", timeout=30).json()
+        out[health["replica"]] = health
+        assert time.monotonic() < deadline, out
+    return out
+
+
+def test_a_failed_batch_is_a_counted_500_without_its_details(url, ref):
+    import re
+
+    fail = {"model": "tiny", "prompt": list(CONFIG["_fail_prompt"]), "max_tokens": 3}
+    before = replica_health(url)
+    r = post(url, "/v1/completions", fail)
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert (err["type"], err["code"]) == ("server_error", "internal_error"), err
+    match = re.fullmatch(r"internal error; request id (req-[0-9a-f]{24})", err["message"])
+    assert match, err["message"]
+    assert "injected" not in r.text and "RuntimeError" not in r.text and "_fail_prompt" not in r.text
+    replica, rid = r.headers["x-sparta-replica"], match.group(1)
+    after = replica_health(url)
+    assert after[replica]["requests"] == before[replica]["requests"] + 1
+    assert after[replica]["errors"] == before[replica]["errors"] + 1
+    # the full traceback is in that replica's log, under the request id the client was given
+    def logged() -> bool:
+        logs = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray").glob(f"session_*/logs/serve/replica_*_{replica}.log")
+        return any(rid in (text := f.read_text()) and "Traceback" in text and "injected engine fault" in text
+                   for f in logs)
+
+    deadline = time.monotonic() + 30
+    while not logged():
+        assert time.monotonic() < deadline, f"no traceback logged for {rid}"
+        time.sleep(0.5)
+    # streamed: the status line is already sent, so the error comes in-band, as generic and as counted
+    got = events(url, "/v1/completions", {**fail, "stream": True})
+    assert got[-1] == "[DONE]" and set(got[-2]) == {"error"}, got
+    assert re.fullmatch(r"internal error; request id req-[0-9a-f]{24}", got[-2]["error"]["message"]), got[-2]
+    assert "injected" not in json.dumps(got)
+    streamed = replica_health(url)
+    assert sum(h["errors"] for h in streamed.values()) == sum(h["errors"] for h in after.values()) + 1
+    # and both replicas keep serving, with the model's attention restored after the failure
+    ids = token_prompt(12, seed=31)
+    replies = [post(url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 4, "art": "off",
+                                             "return_token_ids": True}) for _ in range(4)]
+    assert [r.status_code for r in replies] == [200] * 4
+    assert all(r.json()["choices"][0]["token_ids"] == generate(ref, ids, 4) for r in replies)
 
 
 @pytest.mark.slow

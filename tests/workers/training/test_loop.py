@@ -325,6 +325,17 @@ def test_bf16_run(tmp_path, method, stage):
     assert any(float(t.float().abs().max()) > 0 for k, t in tensors.items() if k.endswith("lora_B"))
 
 
+def test_auto_precision_is_what_this_machine_runs_natively(tmp_path):
+    from workers.hardware import resolve_precision
+
+    want = resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")
+    assert tiny().precision == "auto"
+    result, reports = run(tiny(steps=1, eval_every=None), tmp_path)
+    assert result["precision"] == want and all(m["precision"] == want for m, _ in reports)
+    dtypes = {t.dtype for t in adapter_tensors(result["adapter_dir"]).values()}
+    assert dtypes == {torch.bfloat16 if want == "bf16" else torch.float32}
+
+
 # -- configuration --------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
     (dict(deepspeed=zero(3)), "ZeRO stage 3"),
