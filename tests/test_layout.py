@@ -117,3 +117,13 @@ def test_no_import_circles():
     graph = {m: edges(m) for m in MODULES}
     found = cycles(graph)
     assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def test_no_source_file_is_hidden_by_gitignore():
+    # A root pattern like "sweeps/" once matched pipelines/sweeps/ and kept new modules out of commits.
+    import subprocess
+
+    out = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--", *PACKAGES,
+                          "tests", "docs", "examples"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    hidden = [p for p in out.splitlines() if "__pycache__" not in p and not p.endswith(".pyc")]
+    assert not hidden, f"ignored by .gitignore, so never committed: {hidden}"
