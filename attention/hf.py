@@ -165,6 +165,12 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
 
 
+def art_supported(model: nn.Module) -> bool:
+    """Whether `enable_art` can drive `model`'s attention (Llama-family and Gemma-3 decoders can; GPT-2's
+    attention cannot). Other models still decode with `attention.generate`, with ART off and dense KV."""
+    return bool(_attention_layers(model))
+
+
 def _configs(model: nn.Module) -> list:
     cfg = model.config
     return [cfg, *(getattr(cfg, n) for n in ("text_config",) if getattr(cfg, n, None) is not None)]

@@ -19,7 +19,7 @@ import torch
 from attention import ARTConfig, enable_art
 from attention.config import PRESETS, parse_art
 from attention.generate import greedy_decode, prefill
-from attention.hf import POLICIES, make_press
+from attention.hf import POLICIES, art_supported, make_press
 from workers import hardware
 from workers.hardware import DEVICES, DTYPES   # dtype auto: bf16 where the device runs it natively
 
@@ -360,6 +360,23 @@ class Engine:
         self.vocab_size = vocab
         if len(self.codec) > vocab:
             raise ValueError(f"the tokenizer has {len(self.codec)} tokens but the model's vocabulary only {vocab}")
+        self.art_supported = art_supported(self.model)
+        try:
+            self.check_supported(self.art, (cfg.policy, cfg.policy_ratio))
+        except RequestError as e:
+            raise ValueError(f"{e.message} (the server's default {e.param})") from None
+
+    def check_supported(self, art: ARTConfig, kv: tuple[str, float]) -> None:
+        """RequestError unless this model can decode with `art` and the KV policy `kv`: ART and the KV
+        policies hook Llama-family and Gemma-3 attention; other causal LMs (GPT-2, ...) decode plainly."""
+        if self.art_supported:
+            return
+        arch = type(self.model).__name__
+        if art.active:
+            raise RequestError(f"ART is not available for {arch} (it drives Llama-family and Gemma-3 "
+                               "attention); send \"art\": \"off\"", "art")
+        if make_press(*kv) is not None or (kv[0] == "quest" and kv[1] > 0):
+            raise RequestError(f"KV policy {kv[0]!r} is not available for {arch}; use dense", "kv.policy")
 
     # -- request checks (cheap, before a job is queued) ---------------------------------------------
     def check_prompt_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
@@ -407,6 +424,8 @@ class Engine:
         return list(out.values())
 
     def run(self, jobs: list[Job]) -> list[Completion]:
+        for job in jobs:
+            self.check_supported(job.art, self.kv_of(job))
         results: list[Completion | None] = [None] * len(jobs)
         for idx in self.groups(jobs):
             for i, done in zip(idx, self._run_group([jobs[i] for i in idx])):
@@ -436,8 +455,10 @@ class Engine:
         rows = [_Row(j, self.codec) for j in jobs]
         quest = policy == "quest" and ratio > 0
         art = jobs[0].art
-        with enable_art(self.model, art, "quest" if quest else "dense", ratio if quest else 0.0,
-                        impl=self.cfg.impl) as session:
+        # A model ART cannot drive decodes plainly (check_supported has refused ART and policies for it).
+        session = (enable_art(self.model, art, "quest" if quest else "dense", ratio if quest else 0.0,
+                              impl=self.cfg.impl) if self.art_supported else nullcontext())
+        with session:
             fail = self.cfg._fail_prompt
             if fail is not None and any(list(j.prompt) == list(fail) for j in jobs):
                 raise RuntimeError(f"injected engine fault (EngineConfig._fail_prompt={list(fail)})")
@@ -446,11 +467,12 @@ class Engine:
                 return all([row.push(t) for row, t in zip(rows, token[:, 0].tolist())])
 
             budget = max(j.max_tokens for j in jobs)
-            if not step(-1, state.next_token) and budget > 1:
-                greedy_decode(self.model, state, budget, on_step=step)
-            stats = session.stats()
-        usage = ARTUsage(art.mode if art.active else "off", stats.visited_blocks, stats.candidate_blocks,
-                         stats.decode_steps, len(jobs))
+            decode = not step(-1, state.next_token) and budget > 1
+            decoded = greedy_decode(self.model, state, budget, on_step=step) if decode else None
+            stats = session.stats() if self.art_supported else None
+        steps = stats.decode_steps if stats else (len(decoded.step_seconds) if decoded else 0)
+        usage = ARTUsage(art.mode if art.active else "off", stats.visited_blocks if stats else 0,
+                         stats.candidate_blocks if stats else 0, steps, len(jobs))
         seconds = time.perf_counter() - start
         return [Completion(r.tokens, r.text, r.finish or "length", len(r.job.prompt), usage, seconds, dict(kv))
                 for r in rows]

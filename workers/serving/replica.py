@@ -144,6 +144,7 @@ class Replica:
                                code="model_not_found", status=404)
         art = art_config(req.art, self.engine.art)
         kv = kv_config(req.kv, (self.engine.cfg.policy, self.engine.cfg.policy_ratio))
+        self.engine.check_supported(art, kv)
         if chat:
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
             prompt = self.engine.check_prompt_ids(self.engine.codec.chat(messages), "messages")

@@ -211,7 +211,7 @@ def test_a_gpt2_folder_goes_from_sweep_to_registry_to_serving(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = spec_file(tmp_path, experiment="sweep-gpt2", models=[str(folder)], methods=["lora"], seeds=[0],
-                     train={"steps": 2, "batch_size": 4, "max_length": 48, "eval_every": 2, "eval_examples": 4})
+                     train={"steps": 2, "batch_size": 4, "max_length": 96, "eval_every": 2, "eval_examples": 4})
     spec = load_spec(path)
     assert spec.framing(str(folder)) == "generation"
     out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps")

@@ -240,3 +240,21 @@ def test_kv_config_values_and_errors():
         with pytest.raises(RequestError, match=message) as e:
             kv_config(value, base)
         assert e.value.param == param and e.value.status == 400, value
+
+
+def test_a_model_art_cannot_drive_decodes_plainly_and_refuses_art_by_name():
+    # GPT-2's attention has no hook for ART or the KV policies: greedy decoding still works, ART is refused.
+    cfg = dict(TINY, model="random:gpt2-tiny", model_overrides={"vocab_size": 49152, "max_position_embeddings": 512})
+    engine = Engine(EngineConfig(**cfg))
+    assert not engine.art_supported
+    ids = prompt(engine, 20)
+    [done] = engine.run([Job(ids, 6)])
+    assert done.tokens == generate(engine, ids, 6)[:len(done.tokens)] and done.art.visited_blocks == 0
+    with pytest.raises(RequestError, match="ART is not available for GPT2LMHeadModel") as e:
+        engine.run([Job(ids, 4, art=ARTConfig.preset("tuned"))])
+    assert e.value.param == "art"
+    with pytest.raises(RequestError, match="KV policy 'snapkv' is not available") as e:
+        engine.run([Job(ids, 4, kv=("snapkv", 0.5))])
+    assert e.value.param == "kv.policy"
+    with pytest.raises(ValueError, match="ART is not available for GPT2LMHeadModel.*server's default art"):
+        Engine(EngineConfig(**cfg, art=ARTConfig.preset("tuned").to_dict()))
