@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 # Environment the driver and every worker need (Ray binds the interface address unless told otherwise).
 _FIXED = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
           # Tune's console reporter (configuration box, TensorBoard hint): sparta prints its own progress
-          "RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+          "RAY_AIR_NEW_OUTPUT": "0"}
+# Ray Train gives a worker group 60 s to start; several trials starting at once on a small CPU (each worker
+# imports torch, transformers and DeepSpeed) take longer, and a timed-out start costs a retry.
+_DEFAULTS = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 _PASSED_ON = ("SPARTA_CACHE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "MLFLOW_TRACKING_URI")
 
 
 def ray_env() -> dict[str, str]:
     """The environment variables of a Ray job, actor or task started by sparta."""
     env = dict(_FIXED)
+    env.update({k: os.environ.get(k) or v for k, v in _DEFAULTS.items()})
     env.update({k: os.environ[k] for k in _PASSED_ON if os.environ.get(k)})
     return env
 
@@ -41,3 +46,32 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env}, **quiet)
+    quiet_driver()
+
+
+def quiet_driver() -> None:
+    """Keep Ray's and MLflow's own chatter off this process's console (sparta prints its own progress):
+    Serve's INFO lines, MLflow's store and registry notices, and the raylet's warnings, which Ray's driver
+    prints from a thread of its own whatever log_to_driver says; those go to `raylet-messages.log` in
+    the Ray session's log folder instead."""
+    import ray._private.worker as ray_worker
+
+    for name in ("ray.serve", "mlflow", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        log_dir = Path(ray_worker.global_worker.node.get_logs_dir_path())
+    except Exception:   # a client connection has no local session folder
+        return
+    if getattr(ray_worker.print_to_stdstream, "_sparta", False):
+        return
+    printer = ray_worker.print_to_stdstream
+
+    def to_file(data, ignore_prefix: bool):
+        if data.get("pid") == "raylet":
+            with open(log_dir / "raylet-messages.log", "a") as f:
+                f.write("\n".join(data.get("lines", [])) + "\n")
+            return
+        printer(data, ignore_prefix)
+
+    to_file._sparta = True
+    ray_worker.print_to_stdstream = to_file

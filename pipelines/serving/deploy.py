@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.ray_local import ray_env, start_ray
+from pipelines.ray_local import quiet_driver, ray_env, start_ray
 from pipelines.serving.metrics_run import MetricsRun, open_metrics_run
 from pipelines.serving.spec import FieldError, ServeSpec, ServeSpecError, is_registry_uri
 
@@ -166,6 +166,7 @@ def deploy(spec: ServeSpec, app=None, address: str | None = None, check_port: bo
             check_port_free(spec.host, spec.port)
         start_ray(address)
         serve.start(http_options={"host": spec.host, "port": spec.port})
+        quiet_driver()   # serve.start set up its console logger
         serve.run(app, name=spec.served_name, route_prefix=spec.route_prefix, blocking=False)
     except BaseException:
         if run is not None:

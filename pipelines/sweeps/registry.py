@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import logging
 import os
 import tempfile
@@ -98,7 +100,8 @@ def _register(client: MlflowClient, parent_run_id: str, trial: dict, adapter: Pa
             f"val_{metric}_mean": str(row["val_mean"]), f"test_{metric}_mean": str(row["test_mean"]),
             "n_seeds": str(row["n_seeds"]), "sweep_run_id": parent_run_id,
             "trial_run_id": str(trial.get("run_id"))}
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    with contextlib.redirect_stderr(io.StringIO()):   # MLflow prints "Successfully registered ..." there
+        mv = mlflow.register_model(info.model_uri, name, tags=tags)
     MlflowClient().update_registered_model(
         name, description=f"Best sparta adapter for {model} on {dataset}: highest mean-over-seeds val "
                           f"{metric} of a sweep; base model + adapter folder, loadable with "

@@ -439,7 +439,7 @@ def test_left_padded_generation_batch_equals_each_example_alone(arch):
 @pytest.mark.slow
 def test_lora_on_minilm_learns_multiemo_binary(tmp_path):
     cfg = TrainConfig(model="minilm-l6", dataset="multiemo-binary", method="lora", rank=8, lr=1e-3, steps=50,
-                      batch_size=16, max_length=128, eval_examples=200, eval_at_start=True)
+                      batch_size=16, max_length=64, eval_examples=200, eval_at_start=True)
     result, _ = run(cfg, tmp_path)
     before, after = result["initial"]["val_accuracy"], result["val_accuracy"]
     print(f"val accuracy {before:.3f} -> {after:.3f} in {result['wall_s']:.0f} s")
