@@ -8,7 +8,7 @@ from attention.kernels.dispatch import resolve
 from attention.reference import STOP_STABLE, block_key_bounds
 from attention.reference import decode_attention as reference
 
-from .test_reference import check_truncation, exact, inputs, ragged
+from tests.attention.test_reference import check_truncation, exact, inputs, ragged
 
 CONFIGS = [ARTConfig(tau=0.0, phi=0.0, block_size=32),
            ARTConfig(tau=1e-3, phi=1e-2, patience=2, block_size=16),

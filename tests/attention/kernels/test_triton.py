@@ -7,7 +7,7 @@ from attention import ARTConfig
 from attention.reference import decode_attention
 from attention.kernels.triton_decode import decode_attention_triton
 
-from .test_reference import exact, inputs, ragged
+from tests.attention.test_reference import exact, inputs, ragged
 
 CONFIGS = [ARTConfig(mode="off"), ARTConfig(tau=0.0, phi=0.0, block_size=32),
            ARTConfig(tau=1e-3, phi=1e-2, patience=2, block_size=16),
