@@ -182,6 +182,11 @@ def _callback(key: str):
 
             def _done(self, trial, status: str):
                 rec = self._record(trial)
+                if not rec.history and getattr(trial, "last_result", None):
+                    # Restored by a resumed sweep after it had finished in Tune's state but before the
+                    # interrupted driver logged it: its results come back from that state, not from a report.
+                    rec.history.append(_metrics_of(trial.last_result))
+                    rec.checkpoint = trial.last_result.get("checkpoint_path") or rec.checkpoint
                 rec.status = status
                 if rec.run_id is None:
                     _DRIVERS[self.key][1](rec)

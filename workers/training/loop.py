@@ -164,6 +164,8 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
     """
     # -- build: distributed, data, model + adapter, DeepSpeed ---------------------------------------
     t_start = time.perf_counter()
+    # auto -> fp32 or bf16 for this worker's device, first: a checkpoint records (and a resume checks) it
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, resolve_device()))
     _init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)   # the classification head's init
@@ -175,7 +177,6 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
     val = task.validation[:cfg.eval_examples]
     test = task.test[:cfg.eval_examples]
     framing = resolve_framing(cfg)
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, resolve_device()))   # auto -> fp32 or bf16
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     if framing == "generation":
         model, tok = load_model(cfg.model, task="causal_lm", dtype=dtype)

@@ -150,6 +150,7 @@ def test_resume_after_interrupting_the_driver_redoes_no_finished_trial(tmp_path)
     assert sorted(keys) == sorted(t["trial_key"] for t in spec.trials())   # every trial accounted for, once
     for key, run_id in done_before.items():   # finished trials kept their run: not redone
         assert [r.info.run_id for r in finished_after if r.data.tags["trial_key"] == key] == [run_id]
+    assert all(r.final.get("test_accuracy") is not None for r in out.records.values())   # every trial's results
     assert sorted(out.summary["method"]) == ["cla", "lora"] and (out.summary["n_seeds"] == 2).all()
 
 
