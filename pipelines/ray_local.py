@@ -14,6 +14,9 @@ _FIXED = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "
 # Ray Train gives a worker group 60 s to start; several trials starting at once on a small CPU (each worker
 # imports torch, transformers and DeepSpeed) take longer, and a timed-out start costs a retry.
 _DEFAULTS = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+# Only for a Ray started here: one machine has no node that can be preempted, and Ray Train's watcher of
+# preemption notices is one more actor process per trial (~5 s of CPU each on a small CPU).
+_LOCAL = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _PASSED_ON = ("SPARTA_CACHE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "MLFLOW_TRACKING_URI")
 
 
@@ -44,6 +47,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, dashboard
     elif os.environ.get("RAY_ADDRESS"):   # a Ray Job's driver: the job's runtime env already carries ray_env()
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
+        env.update({k: os.environ.get(k) or v for k, v in _LOCAL.items()})
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env}, **quiet)
     quiet_driver()

@@ -16,15 +16,18 @@ TINY = ROOT / "examples" / "sweep-tiny.yaml"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _loopback(monkeypatch):
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    yield
-    import ray
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_for_the_module():
+    # The first sweep starts Ray on loopback and the others join it: a Ray start costs ~35 s of CPU
+    # on a small machine (GCS, raylet, dashboard, log monitor). Each sweep has its own storage and store.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        yield
+        import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def spec_file(tmp_path, **changes) -> Path:
