@@ -65,6 +65,7 @@ def run(console, sweep_spec: Path = SWEEP, serve_spec: Path = SERVE, tracking_ur
             outcome = run_sweep(sweep, sweep_spec, tracking_uri=tracking_uri, storage_root=storage,
                                 on_progress=progress)
         timings["sweep_s"] = time.perf_counter() - t0
+        console.print()   # off the live line (a file or pipe gets its last state without a line end)
         console.print(render(outcome.summary, "table"))
         failed = [r for r in outcome.records.values() if r.status != "FINISHED"]
         if failed or not outcome.registered:
