@@ -1,4 +1,4 @@
-"""Prefill and greedy decode with explicit positions, so that a KV policy may shrink the cache.
+"""Prefill and decode (greedy, or any token picker) with explicit positions, so that a KV policy may shrink the cache.
 
 `model.generate` derives each new token's position from the cache length; after a KV policy (a kvpress
 press) drops part of the prompt's cache that position is wrong. Here the positions count the prompt's
@@ -33,10 +33,18 @@ class Decoded:
     step_seconds: list[float] = field(default_factory=list)   # wall time of each decode forward
 
 
+Pick = Callable[[torch.Tensor], torch.Tensor]   # (batch, vocab) last-position logits -> (batch, 1) token ids
+
+
+def argmax_pick(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1, keepdim=True)
+
+
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            cache=None) -> Prefilled:
-    """Run the prompt through `model` (left padding allowed with `attention_mask`)."""
+            cache=None, pick: Pick = argmax_pick) -> Prefilled:
+    """Run the prompt through `model` (left padding allowed with `attention_mask`); `pick` chooses the
+    first new token from the last position's logits (default: greedy)."""
     cache = new_cache(model) if cache is None else cache
     if attention_mask is None:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -51,15 +59,21 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None 
         if cache.get_seq_length() != input_ids.shape[1]:
             raise ValueError("a KV policy that shrinks the cache needs unpadded prompts of equal length")
         mask = torch.cat([attention_mask, attention_mask.new_ones(input_ids.shape[0], 1)], -1)
-    return Prefilled(cache, out.logits[:, -1:].argmax(-1), positions[:, -1:] + 1, mask, seconds)
+    return Prefilled(cache, pick(out.logits[:, -1]), positions[:, -1:] + 1, mask, seconds)
+
+
+def greedy_decode(model, state: Prefilled, max_new_tokens: int,
+                  on_step: Callable[[int, torch.Tensor], bool | None] | None = None) -> Decoded:
+    """`decode` taking the most likely token at every step."""
+    return decode(model, state, max_new_tokens, on_step)
 
 
 @torch.no_grad()
-def greedy_decode(model, state: Prefilled, max_new_tokens: int,
-                  on_step: Callable[[int, torch.Tensor], bool | None] | None = None) -> Decoded:
-    """Greedy tokens after `state` (which is advanced in place): `max_new_tokens` in all, the prefill's
-    token first. `on_step(i, token)` is called after each decode forward; if it returns True, decoding
-    stops there (a server whose sequences have all finished)."""
+def decode(model, state: Prefilled, max_new_tokens: int,
+           on_step: Callable[[int, torch.Tensor], bool | None] | None = None, pick: Pick = argmax_pick) -> Decoded:
+    """Tokens after `state` (which is advanced in place), each chosen by `pick` from the logits (default:
+    greedy): `max_new_tokens` in all, the prefill's token first. `on_step(i, token)` is called after each
+    decode forward; if it returns True, decoding stops there (a server whose sequences have all finished)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     tokens = [state.next_token]
@@ -68,7 +82,7 @@ def greedy_decode(model, state: Prefilled, max_new_tokens: int,
         start = time.perf_counter()
         out = model(input_ids=state.next_token, position_ids=state.position, attention_mask=state.attention_mask,
                     past_key_values=state.cache, use_cache=True)
-        state.next_token = out.logits[:, -1:].argmax(-1)
+        state.next_token = pick(out.logits[:, -1])
         times.append(time.perf_counter() - start)
         state.position = state.position + 1
         if state.attention_mask is not None:

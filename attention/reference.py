@@ -270,3 +270,104 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ART
 
     out = (acc / l[..., None]).view(b, hq, 1, d).to(q.dtype)
     return out, ARTStats(visited, n_cand, reason, visited_mask)
+
+
+# ---- decode over rows of a KV pool (the serving engine's layout) ----------------------------------------
+
+def check_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
+               quest_ratio: float = 0.0) -> tuple[int, int, int, int, int]:
+    """Shapes and types of a `decode_rows` call, never its values (on CUDA reading them would make the
+    host wait for the device). Returns (b, q_heads, kv_heads, T, d)."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, q_heads, head_dim), got {tuple(q.shape)}")
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must be (pool_rows, kv_heads, T, head_dim), got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    b, hq, d = q.shape
+    _, hkv, t, _ = k.shape
+    if k.shape[3] != d or v.shape[3] != d or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)} (q_heads must be a multiple "
+                         "of kv_heads)")
+    if lengths is None:
+        raise ValueError("decode_rows needs lengths (one per batch entry)")
+    for name, x in (("lengths", lengths), ("starts", starts), ("rows", rows)):
+        if x is None:
+            continue
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else (len(x),)
+        if shape != (b,) or (isinstance(x, torch.Tensor) and (x.dtype.is_floating_point or x.dtype == torch.bool)):
+            raise ValueError(f"{name} must be ({b},) integers, got {x!r}")
+    if isinstance(quest_ratio, bool) or not 0.0 <= float(quest_ratio) < 1.0:
+        raise ValueError(f"quest_ratio must be in [0, 1), got {quest_ratio!r}")
+    if key_bounds is not None:
+        kmin, kmax = key_bounds
+        need = t // cfg.block_size   # complete blocks are read from them, the partial one from k
+        for x in (kmin, kmax):
+            if x.dim() != 4 or x.shape[0] < k.shape[0] or x.shape[1] != hkv or x.shape[2] < need or x.shape[3] != d:
+                raise ValueError(f"key_bounds must be ({k.shape[0]}, {hkv}, >= {need}, {d}), got {tuple(x.shape)}")
+    return b, hq, hkv, t, d
+
+
+def check_row_values(pool_rows: int, t: int, lengths, starts=None, rows=None) -> None:
+    """The values of decode_rows' per-row tensors (reads them: CPU and reference paths only):
+    1 <= lengths <= T, 0 <= starts < lengths, 0 <= rows < pool rows."""
+    lengths = torch.as_tensor(lengths)
+    if bool((lengths < 1).any()) or bool((lengths > t).any()):
+        raise ValueError(f"lengths must be in [1, {t}], got {lengths.tolist()}")
+    if starts is not None:
+        starts = torch.as_tensor(starts, device=lengths.device)
+        if bool((starts < 0).any()) or bool((starts >= lengths).any()):
+            raise ValueError(f"starts must be in [0, lengths), got {starts.tolist()} for lengths {lengths.tolist()}")
+    if rows is not None:
+        rows = torch.as_tensor(rows)
+        if bool((rows < 0).any()) or bool((rows >= pool_rows).any()):
+            raise ValueError(f"rows must be pool rows in [0, {pool_rows}), got {rows.tolist()}")
+
+
+def quest_budget(n_blocks: int, quest_ratio: float) -> int | None:
+    """The Quest policy's block budget for a row with `n_blocks` candidate blocks (None: no policy). The
+    product is taken in double precision, as every kernel does, so all make the same choice."""
+    if not quest_ratio:
+        return None
+    return max(1, math.ceil((1.0 - quest_ratio) * n_blocks))
+
+
+def row_key_bounds(k_row: torch.Tensor, valid_row: torch.Tensor, kept, pool_row: int, block_size: int):
+    """(kmin, kmax) (1, kv_heads, n_blocks, d) for one row: the kept summaries of its complete blocks (as
+    the pool keeps them), the partial newest block summarised from its valid keys."""
+    t = k_row.shape[2]
+    complete, n_blocks = t // block_size, -(-t // block_size)
+    kmin, kmax = (x[pool_row: pool_row + 1, :, :complete].float() for x in kept)
+    if n_blocks > complete:
+        tail = slice(complete * block_size, t)
+        pmin, pmax = block_key_bounds(k_row[:, :, tail], valid_row[:, tail], block_size)
+        kmin, kmax = torch.cat([kmin, pmin], 2), torch.cat([kmax, pmax], 2)
+    return kmin, kmax
+
+
+def decode_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
+                quest_ratio: float = 0.0, scale: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The oracle of `attention.kernels.dispatch.decode_rows` (see there): one `decode_attention` call
+    per batch entry over its own pool row, positions [starts[i], lengths[i]), with that row's Quest
+    budget. Slow and synchronising by design. Returns (out (b, hq, d), visited (b,), candidates (b,))."""
+    b, hq, hkv, t, d = check_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows,
+                                  key_bounds=key_bounds, quest_ratio=quest_ratio)
+    check_row_values(k.shape[0], t, lengths, starts, rows)
+    ends = torch.as_tensor(lengths).tolist()
+    begins = torch.as_tensor(starts).tolist() if starts is not None else [0] * b
+    pool_rows = torch.as_tensor(rows).tolist() if rows is not None else list(range(b))
+    bs = cfg.block_size
+    outs, visited, candidates = [], [], []
+    for i, (r, start, end) in enumerate(zip(pool_rows, begins, ends)):
+        k_row, v_row = k[r: r + 1, :, :end], v[r: r + 1, :, :end]
+        valid = (torch.arange(end, device=k.device) >= start)[None, :]
+        budget = quest_budget((end - 1) // bs - start // bs + 1, quest_ratio)
+        bounds = None
+        if key_bounds is not None and (cfg.uses_bounds or budget is not None):
+            bounds = row_key_bounds(k_row, valid, key_bounds, r, bs)
+        out, stats = decode_attention(q[i: i + 1, :, None], k_row, v_row, cfg, key_padding_mask=valid, scale=scale,
+                                      key_bounds=bounds, block_budget=budget)
+        outs.append(out.view(hq, d))
+        visited.append(stats.visited_blocks.sum())
+        candidates.append(stats.candidate_blocks.sum())
+    return torch.stack(outs), torch.stack(visited).to(q.device), torch.stack(candidates).to(q.device)

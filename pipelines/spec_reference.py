@@ -119,10 +119,25 @@ SERVE_FIELDS = {
     "replicas.min": "autoscaling: the fewest replicas (and the number started)",
     "replicas.max": "autoscaling: the most replicas",
     "replicas.target_ongoing_requests": "autoscaling: the ongoing requests per replica Serve scales towards",
-    "batching": "Serve's dynamic batching (`@serve.batch`): requests that arrive together decode together",
+    "scheduler": "how a replica schedules requests (continuous batching by default)",
+    "scheduler.kind": "`continuous`: iteration-level scheduling over a KV pool (requests join and leave the running "
+                      "decode batch every step, prompts prefilled in chunks); `static`: `@serve.batch` batches, each "
+                      "decoded to its longest budget (for comparison)",
+    "scheduler.kv_cache_tokens": "the KV pool per replica in positions, in slots of `max_context` (one per running "
+                                 "sequence); default 8 slots",
+    "scheduler.max_prefill_tokens": "prompt tokens prefilled per step (chunked prefill; running sequences decode "
+                                    "in the same step)",
+    "scheduler.max_queued": "requests waiting for a free slot; beyond that a request gets 503 with `Retry-After`",
+    "sampling": "sampling defaults for requests that leave these parameters out",
+    "sampling.temperature": "0 is greedy; OpenAI's default is 1",
+    "sampling.top_p": "nucleus sampling: the smallest set of tokens whose probability reaches `top_p`",
+    "sampling.top_k": "only the `top_k` most likely tokens (0: off)",
+    "batching": "the static scheduler's batching (`@serve.batch`): requests that arrive together decode together",
     "batching.max_batch_size": "the most requests decoded together",
     "batching.wait_timeout_s": "how long a batch's first request waits for others, in seconds",
-    "max_ongoing_requests": "requests one replica holds at once; at least `batching.max_batch_size`",
+    "max_ongoing_requests": "requests Serve hands one replica at once (more wait in Serve's queue); default: the "
+                            "continuous scheduler's slots + `max_queued` + 1, static: 32 (at least "
+                            "`batching.max_batch_size`)",
     "cpus_per_replica": "CPUs Ray reserves per replica (also the replica's torch threads)",
     "gpus_per_replica": "GPUs Ray reserves per replica; `null`: 1 with `device: cuda`, else 0",
     "host": "the address the Serve HTTP proxy binds",

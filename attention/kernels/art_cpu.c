@@ -1,6 +1,10 @@
 /* ART decode attention for the CPU: one call per layer and decode step, one task per (sequence, KV head),
  * the stop check inside the block loop (so skipped blocks are never read), fp32 online-softmax state.
- * Same decisions as attention/reference.py, its oracle; built and loaded by attention/cpu_kernel.py.
+ * Same decisions as attention/reference.py, its oracle; built and loaded by attention/kernels/cpu.py.
+ *
+ * Two entry points: art_decode (a batch of sequences, each its own k/v, optional valid mask) and
+ * art_decode_rows (a batch of rows of a preallocated KV pool: each batch entry reads pool row rows[i], its
+ * valid positions [starts[i], lengths[i])).
  *
  * Built with -ffast-math so that expf vectorises (glibc's libmvec): nothing here may rely on infinities or
  * NaNs, hence the finite NEG sentinel for "no score" and the double-precision certified bound.
@@ -18,16 +22,31 @@ typedef struct {
     int32_t q_dtype;          /* of q and of the output, same codes */
     int64_t sk_b, sk_h, sk_t; /* key strides in elements (the head dim is contiguous) */
     int64_t sv_b, sv_h, sv_t;
+    int64_t sb_b, sb_h, sb_j; /* key-bound (kmin, kmax) strides in elements (the head dim is contiguous) */
     int32_t mode;             /* 0 walk every candidate, 1 stability, 2 certified */
     int32_t patience, min_blocks, sink_tokens, recent_blocks;
     int32_t budget;           /* Quest: keep this many blocks per task (0: all) */
-    int32_t bound_cap;        /* blocks of room in the key-bound buffers */
-    int32_t bounds_done;      /* blocks summarised in them; later blocks are summarised here from k */
+    int32_t quest;            /* Quest by ratio: keep max(1, ceil(quest_keep * candidate blocks)) per task */
+    int32_t bounds_done;      /* blocks summarised in the key-bound buffers (-1: each row's complete blocks,
+                                 lengths[i] / BS); later blocks are summarised here from k */
     int32_t nthreads;
     int32_t order_bound;      /* visit non-protected blocks by key bound (else recency) without scores */
     float tau, phi, eps;
     float scale;              /* softmax scale, for the bf16 dot path (q unscaled there) */
+    double quest_keep;        /* 1 - Quest's drop ratio, in double as Python computes the budget */
 } Params;
+
+/* The tensors of one call (NULL where absent). Batch entry i reads k, v, kmin, kmax at pool row rows[i]
+ * (rows NULL: row i); starts / lengths bound its valid positions (NULL: 0 / T, then `valid` may mask). */
+typedef struct {
+    const void *q, *k, *v;
+    const uint8_t *valid;
+    const float *kmin, *kmax, *scores;
+    const int32_t *order_in, *rows, *starts, *lengths;
+    void *out;
+    int32_t *visited, *ncand, *reason;
+    uint8_t *vmask;
+} Buffers;
 
 typedef struct {
     int32_t tier;             /* 2 sink, 1 recent, 0 rest, -1 no candidate position */
@@ -130,16 +149,25 @@ static inline void load_row(const void *base, int64_t off, int dtype, int D, flo
     }
 }
 
-static inline __attribute__((always_inline)) void walk_task_d(const Params *P, const int D, int task, const void *q_raw,
-                      const void *k, const void *v,
-                      const uint8_t *valid, const float *kmin, const float *kmax, const float *scores,
-                      const int32_t *order_in, void *out, int32_t *visited_out, int32_t *ncand_out,
-                      int32_t *reason_out, uint8_t *vmask) {
-    const int b = task / P->HKV, h = task % P->HKV;
-    const int G = P->G, NB = P->NB, BS = P->BS, T = P->T;
-    const uint8_t *vrow = valid ? valid + (int64_t)b * T : NULL;
+/* The positions of block j that lie in [lo_row, hi_row): [*lo, *hi), empty when *hi <= *lo */
+static inline void block_span(int j, int BS, int lo_row, int hi_row, int *lo, int *hi) {
+    *lo = j * BS > lo_row ? j * BS : lo_row;
+    *hi = (j + 1) * BS < hi_row ? (j + 1) * BS : hi_row;
+}
 
-    int32_t *nvalid = malloc(sizeof(int32_t) * NB);
+static inline __attribute__((always_inline)) void walk_task_d(const Params *P, const int D, int task,
+                                                              const Buffers *A) {
+    const int b = task / P->HKV, h = task % P->HKV;
+    const int G = P->G, NB = P->NB, BS = P->BS;
+    const int r = A->rows ? A->rows[b] : b;                          /* pool row of k, v and the bounds */
+    const int row_start = A->starts ? A->starts[b] : 0;              /* valid positions [row_start, row_end) */
+    const int row_end = A->lengths ? A->lengths[b] : P->T;
+    const int first = row_start / BS, nb_row = (row_end + BS - 1) / BS;   /* the row's blocks [first, nb_row) */
+    const int bounds_done = P->bounds_done < 0 ? row_end / BS : P->bounds_done;
+    const uint8_t *vrow = A->valid ? A->valid + (int64_t)b * P->T : NULL;
+    const void *q_raw = A->q, *k = A->k, *v = A->v;
+
+    int32_t *nvalid = calloc(NB, sizeof(int32_t));
     int32_t *order = malloc(sizeof(int32_t) * NB);
     Slot *slots = malloc(sizeof(Slot) * NB);
     float *ub = NULL;
@@ -156,15 +184,21 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
     load_row(q_raw, q_off, P->q_dtype, G * D, qt);
     for (int c = 0; c < G * D; c++) qt[c] *= P->scale;
     const uint16_t *qb = P->q_dtype == 1 && P->dtype == 1 && D % 32 == 0 && D <= 256 ? (const uint16_t *)q_raw + q_off : NULL;
+    const int64_t kbase = r * P->sk_b + h * P->sk_h, vbase = r * P->sv_b + h * P->sv_h;
 
     /* candidate blocks and the newest valid position */
-    int last = T - 1;
-    for (int j = 0; j < NB; j++) nvalid[j] = T - j * BS < BS ? T - j * BS : BS;
+    int last = row_end - 1;
+    for (int j = first; j < nb_row; j++) {
+        int lo, hi;
+        block_span(j, BS, row_start, row_end, &lo, &hi);
+        nvalid[j] = hi > lo ? hi - lo : 0;
+    }
     if (vrow) {
         last = -1;
-        for (int j = 0; j < NB; j++) {
-            int n = 0;
-            for (int t = j * BS; t < T && t < (j + 1) * BS; t++) {
+        for (int j = first; j < nb_row; j++) {
+            int n = 0, lo, hi;
+            block_span(j, BS, row_start, row_end, &lo, &hi);
+            for (int t = lo; t < hi; t++) {
                 n += vrow[t] != 0;
                 if (vrow[t]) last = t;
             }
@@ -172,22 +206,34 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
         }
     }
     const int last_block = last / BS;
+    int n_cand = 0, n_protected = 0;
+    for (int j = first; j < nb_row; j++) {
+        n_cand += nvalid[j] > 0;
+        n_protected += nvalid[j] > 0 && (j * BS < P->sink_tokens || (j <= last_block && j > last_block - P->recent_blocks));
+    }
+    int budget = P->budget;
+    if (P->quest) {   /* Quest by ratio: this row's own share of its candidate blocks */
+        const double want = ceil(P->quest_keep * (double)n_cand);
+        budget = want < 1.0 ? 1 : (int)want;
+    }
 
-    const int use_bounds = P->mode == 2 || P->budget > 0 || P->order_bound;
+    const int use_bounds = P->mode == 2 || budget > 0 || P->order_bound;
     if (use_bounds) {   /* ub[g][j] >= every score of block j: sum_c max(q_c kmin_c, q_c kmax_c) */
         ub = malloc(sizeof(float) * G * NB);
         float *lo_new = malloc(sizeof(float) * D), *hi_new = malloc(sizeof(float) * D);
-        const int64_t kb = ((int64_t)b * P->HKV + h) * P->bound_cap * D;
-        for (int j = 0; j < NB; j++) {
+        const int64_t kb = r * P->sb_b + h * P->sb_h;
+        for (int j = first; j < nb_row; j++) {
             const float *lo = NULL, *hi = NULL;
-            if (j < P->bounds_done) {
-                lo = kmin + kb + (int64_t)j * D;
-                hi = kmax + kb + (int64_t)j * D;
+            if (j < bounds_done) {
+                lo = A->kmin + kb + (int64_t)j * P->sb_j;
+                hi = A->kmax + kb + (int64_t)j * P->sb_j;
             } else {   /* not summarised yet (the newest, partial block): from k */
+                int t_lo, t_hi;
+                block_span(j, BS, row_start, row_end, &t_lo, &t_hi);
                 for (int c = 0; c < D; c++) { lo_new[c] = 1e30f; hi_new[c] = -1e30f; }
-                for (int t = j * BS; t < T && t < (j + 1) * BS; t++) {
+                for (int t = t_lo; t < t_hi; t++) {
                     if (vrow && !vrow[t]) continue;
-                    load_row(k, b * P->sk_b + h * P->sk_h + t * P->sk_t, P->dtype, D, row);
+                    load_row(k, kbase + t * P->sk_t, P->dtype, D, row);
                     for (int c = 0; c < D; c++) {
                         lo_new[c] = row[c] < lo_new[c] ? row[c] : lo_new[c];
                         hi_new[c] = row[c] > hi_new[c] ? row[c] : hi_new[c];
@@ -211,43 +257,35 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
     }
 
     /* visiting order: sink, recent, then by policy score / bound / recency; non-candidates last */
-    int n_cand = 0, n_protected = 0;
-    if (order_in) {
-        memcpy(order, order_in + (int64_t)task * NB, sizeof(int32_t) * NB);
-        for (int j = 0; j < NB; j++) {
-            int blk = order[j];
-            n_cand += nvalid[blk] > 0;
-            n_protected += nvalid[blk] > 0 && (blk * BS < P->sink_tokens ||
-                           (blk <= last_block && blk > last_block - P->recent_blocks));
-        }
+    if (A->order_in) {
+        memcpy(order, A->order_in + (int64_t)task * NB, sizeof(int32_t) * NB);
     } else {
-        for (int j = 0; j < NB; j++) {
+        const int n_row = nb_row - first;
+        for (int j = first; j < nb_row; j++) {
             int tier = j * BS < P->sink_tokens ? 2 : (j <= last_block && j > last_block - P->recent_blocks) ? 1 : 0;
             float key = (float)j;
-            if (P->mode == 2 && use_bounds) key = NEG;   /* certified: the bound orders, whatever the policy */
-            if (scores && !(P->mode == 2 && use_bounds)) key = scores[(int64_t)task * NB + j];
-            else if (use_bounds) {
+            if (A->scores && !(P->mode == 2 && use_bounds)) key = A->scores[(int64_t)task * NB + j];
+            else if (use_bounds) {   /* certified: the bound orders, whatever the policy */
                 key = NEG;
                 for (int g = 0; g < G; g++) key = ub[g * NB + j] > key ? ub[g * NB + j] : key;
             }
-            slots[j].tier = nvalid[j] ? tier : -1;
-            slots[j].key = key;
-            slots[j].idx = j;
-            n_cand += nvalid[j] > 0;
-            n_protected += nvalid[j] > 0 && tier >= 1;
+            Slot *slot = slots + (j - first);
+            slot->tier = nvalid[j] ? tier : -1;
+            slot->key = key;
+            slot->idx = j;
         }
-        if (scores || use_bounds) {
-            qsort(slots, NB, sizeof(Slot), slot_cmp);
-            for (int j = 0; j < NB; j++) order[j] = slots[j].idx;
+        if (A->scores || use_bounds) {
+            qsort(slots, n_row, sizeof(Slot), slot_cmp);
+            for (int j = 0; j < n_row; j++) order[j] = slots[j].idx;
         } else {   /* recency order needs no sort: each tier newest first, then the empty blocks */
             int pos = 0;
             for (int tier = 2; tier >= -1; tier--)
-                for (int j = NB - 1; j >= 0; j--)
-                    if (slots[j].tier == tier) order[pos++] = j;
+                for (int j = n_row - 1; j >= 0; j--)
+                    if (slots[j].tier == tier) order[pos++] = slots[j].idx;
         }
     }
-    if (P->budget > 0) {
-        int keep = P->budget > n_protected ? P->budget : n_protected;
+    if (budget > 0) {
+        int keep = budget > n_protected ? budget : n_protected;
         if (keep < n_cand) n_cand = keep;
     }
     const int need = n_protected > P->min_blocks ? n_protected : P->min_blocks;
@@ -269,12 +307,13 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
     }
 
     for (int g = 0; g < G; g++) { m[g] = NEG; l[g] = 0.f; }
-    const int64_t kbase = b * P->sk_b + h * P->sk_h, vbase = b * P->sv_b + h * P->sv_h;
     int visited = 0, run = 0, reason = 0;
 
     while (visited < n_cand && reason == 0) {
         const int blk = order[visited];
-        const int t0 = blk * BS, n = T - t0 < BS ? T - t0 : BS;
+        int t0, t_hi;
+        block_span(blk, BS, row_start, row_end, &t0, &t_hi);
+        const int n = t_hi - t0;
 #ifdef HAVE_BF16_DOT
         if (qb) {
             for (int g = 0; g < G; g++)
@@ -331,7 +370,7 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
                 for (int c = 0; c < D; c++) ag[c] += p * row[c];
             }
         }
-        if (vmask) vmask[(int64_t)task * NB + blk] = 1;
+        if (A->vmask) A->vmask[(int64_t)task * NB + blk] = 1;
         visited++;
 
         const int may_stop = visited >= need && visited < n_cand;
@@ -379,37 +418,48 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
         for (int c = 0; c < D; c++) o[g * D + c] = acc[g * D + c] * inv;
     }
     if (P->q_dtype == 1) {
-        uint16_t *dst = (uint16_t *)out + q_off;
+        uint16_t *dst = (uint16_t *)A->out + q_off;
         for (int c = 0; c < G * D; c++) {
             uint32_t u;
             memcpy(&u, &o[c], 4);
             dst[c] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
         }
     } else if (P->q_dtype == 2) {
-        _Float16 *dst = (_Float16 *)out + q_off;
+        _Float16 *dst = (_Float16 *)A->out + q_off;
         for (int c = 0; c < G * D; c++) dst[c] = (_Float16)o[c];
     } else {
-        memcpy((float *)out + q_off, o, sizeof(float) * G * D);
+        memcpy((float *)A->out + q_off, o, sizeof(float) * G * D);
     }
-    visited_out[task] = visited;
-    ncand_out[task] = n_cand;
-    reason_out[task] = reason;
+    A->visited[task] = visited;
+    A->ncand[task] = n_cand;
+    A->reason[task] = reason;
 
     free(nvalid); free(order); free(slots); free(ub); free(suffix);
     free(s); free(acc); free(o); free(o_prev); free(row); free(qt);
 }
 
-#define WALK_ARGS q, k, v, valid, kmin, kmax, scores, order_in, out, visited_out, ncand_out, reason_out, vmask
-static void walk_task(const Params *P, int task, const void *q, const void *k, const void *v,
-                      const uint8_t *valid, const float *kmin, const float *kmax, const float *scores,
-                      const int32_t *order_in, void *out, int32_t *visited_out, int32_t *ncand_out,
-                      int32_t *reason_out, uint8_t *vmask) {
+static void walk_task(const Params *P, int task, const Buffers *A) {
     /* constant head dims let the channel loops unroll into whole vector registers */
     switch (P->D) {
-    case 64: walk_task_d(P, 64, task, WALK_ARGS); break;
-    case 128: walk_task_d(P, 128, task, WALK_ARGS); break;
-    default: walk_task_d(P, P->D, task, WALK_ARGS);
+    case 64: walk_task_d(P, 64, task, A); break;
+    case 128: walk_task_d(P, 128, task, A); break;
+    default: walk_task_d(P, P->D, task, A);
     }
+}
+
+/* every (batch entry, KV head) task in parallel, then the visited and candidate sums into totals[0..1] */
+static int run_tasks(const Params *P, const Buffers *A, int64_t *totals) {
+    if (P->G > 64 || P->G < 1) return 1;
+    const int tasks = P->B * P->HKV;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(P->nthreads)
+    for (int task = 0; task < tasks; task++)
+        walk_task(P, task, A);
+    totals[0] = totals[1] = 0;
+    for (int task = 0; task < tasks; task++) {
+        totals[0] += A->visited[task];
+        totals[1] += A->ncand[task];
+    }
+    return 0;
 }
 
 /* q: (batch, q_heads, D) in q_dtype, unscaled; out: the same shape and dtype. visited, ncand, reason: per
@@ -417,15 +467,17 @@ static void walk_task(const Params *P, int task, const void *q, const void *k, c
 int art_decode(const Params *P, const void *q, const void *k, const void *v, const uint8_t *valid,
                const float *kmin, const float *kmax, const float *scores, const int32_t *order, void *out,
                int32_t *visited, int32_t *ncand, int32_t *reason, uint8_t *vmask, int64_t *totals) {
-    if (P->G > 64 || P->G < 1) return 1;
-    const int tasks = P->B * P->HKV;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(P->nthreads)
-    for (int task = 0; task < tasks; task++)
-        walk_task(P, task, q, k, v, valid, kmin, kmax, scores, order, out, visited, ncand, reason, vmask);
-    totals[0] = totals[1] = 0;
-    for (int task = 0; task < tasks; task++) {
-        totals[0] += visited[task];
-        totals[1] += ncand[task];
-    }
-    return 0;
+    const Buffers A = {q, k, v, valid, kmin, kmax, scores, order, NULL, NULL, NULL, out, visited, ncand, reason, vmask};
+    return run_tasks(P, &A, totals);
+}
+
+/* The pool form: k, v (and kmin, kmax) hold S rows (only their strides matter, so work is per batch entry,
+ * never per pool row); batch entry i reads row rows[i] (rows NULL: row i) over positions
+ * [starts[i], lengths[i]) (starts NULL: from 0). q, out, visited, ncand, reason, totals as in art_decode. */
+int art_decode_rows(const Params *P, const void *q, const void *k, const void *v, const int32_t *rows,
+                    const int32_t *starts, const int32_t *lengths, const float *kmin, const float *kmax, void *out,
+                    int32_t *visited, int32_t *ncand, int32_t *reason, int64_t *totals) {
+    if (!lengths) return 2;
+    const Buffers A = {q, k, v, NULL, kmin, kmax, NULL, NULL, rows, starts, lengths, out, visited, ncand, reason, NULL};
+    return run_tasks(P, &A, totals);
 }

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from attention.config import ARTConfig
-from attention.reference import ARTStats, check_shapes, dense_off, dense_result, plan_walk, valid_positions
+from attention.reference import (ARTStats, check_row_values, check_rows, check_shapes, dense_off, dense_result,
+                                 plan_walk, valid_positions)
 
 SOURCE = Path(__file__).with_name("art_cpu.c")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
@@ -32,11 +33,16 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class _Params(ctypes.Structure):
+    """Mirror of `Params` in art_cpu.c (same order, same C types)."""
     _fields_ = [(n, ctypes.c_int32) for n in ("B", "HKV", "G", "T", "D", "NB", "BS", "dtype", "q_dtype")] + \
-               [(n, ctypes.c_int64) for n in ("sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t")] + \
+               [(n, ctypes.c_int64) for n in ("sk_b", "sk_h", "sk_t", "sv_b", "sv_h", "sv_t", "sb_b", "sb_h", "sb_j")] + \
                [(n, ctypes.c_int32) for n in ("mode", "patience", "min_blocks", "sink_tokens", "recent_blocks",
-                                              "budget", "bound_cap", "bounds_done", "nthreads", "order_bound")] + \
-               [(n, ctypes.c_float) for n in ("tau", "phi", "eps", "scale")]
+                                              "budget", "quest", "bounds_done", "nthreads", "order_bound")] + \
+               [(n, ctypes.c_float) for n in ("tau", "phi", "eps", "scale")] + \
+               [("quest_keep", ctypes.c_double)]
+
+MODE_CODES = {"off": 0, "stability": 1, "certified": 2}   # the kernel's `mode`: 0 walks every candidate
+ROWS_DONE = -1   # bounds_done meaning "each row's complete blocks" (its length // block_size)
 
 
 def _cpu_id() -> str:
@@ -73,11 +79,51 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.art_decode.restype = ctypes.c_int
     lib.art_decode.argtypes = [ctypes.POINTER(_Params)] + [ctypes.c_void_p] * 14
+    lib.art_decode_rows.restype = ctypes.c_int
+    lib.art_decode_rows.argtypes = [ctypes.POINTER(_Params)] + [ctypes.c_void_p] * 13
     return lib
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _kernel_kv(k, v):
+    """k, v as the kernel reads them: any strides with a contiguous head dim, float32/bfloat16/float16."""
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    if k.dtype not in DTYPES or v.dtype != k.dtype:
+        k, v = k.float(), v.float()
+    return k, v
+
+
+def _kernel_bounds(key_bounds):
+    """(kmin, kmax) as the kernel reads them: fp32, the head dim contiguous, both with the same strides
+    (pool buffers pass as they are; anything else is copied)."""
+    kmin, kmax = key_bounds
+    if kmin.dtype != torch.float32 or kmax.dtype != torch.float32 or kmin.stride(-1) != 1 \
+            or kmin.stride() != kmax.stride():
+        kmin, kmax = kmin.float().contiguous(), kmax.float().contiguous()
+    return kmin, kmax
+
+
+def _params(q, k, v, cfg: ARTConfig, scale: float, mode: int, kmin=None, bounds_done: int = 0,
+            block_budget: int | None = None, quest_ratio: float = 0.0) -> _Params:
+    """The kernel's Params for q (batch, q_heads, d) against k, v (rows, kv_heads, T, d)."""
+    b, hq, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    g, bs = hq // hkv, cfg.block_size
+    if g > 64:
+        raise ValueError(f"the CPU ART kernel supports up to 64 query heads per KV head, got {g}")
+    sb = kmin.stride()[:3] if kmin is not None else (0, 0, 0)
+    return _Params(B=b, HKV=hkv, G=g, T=t, D=d, NB=-(-t // bs), BS=bs, dtype=DTYPES[k.dtype], q_dtype=DTYPES[q.dtype],
+                   sk_b=k.stride(0), sk_h=k.stride(1), sk_t=k.stride(2),
+                   sv_b=v.stride(0), sv_h=v.stride(1), sv_t=v.stride(2), sb_b=sb[0], sb_h=sb[1], sb_j=sb[2],
+                   mode=mode, patience=cfg.patience, min_blocks=cfg.min_blocks,
+                   sink_tokens=cfg.sink_tokens, recent_blocks=cfg.recent_blocks, budget=block_budget or 0,
+                   quest=quest_ratio > 0, bounds_done=bounds_done if kmin is not None else 0,
+                   nthreads=torch.get_num_threads(), order_bound=cfg.active and cfg.order == "bound",
+                   tau=cfg.tau, phi=cfg.phi, eps=cfg.eps, scale=scale, quest_keep=1.0 - quest_ratio)
 
 
 def _launch(q, k, v, cfg: ARTConfig, scale: float, *, valid=None, block_scores=None, key_bounds=None, bounds_done=None,
@@ -86,20 +132,12 @@ def _launch(q, k, v, cfg: ARTConfig, scale: float, *, valid=None, block_scores=N
     mask (b * hkv, nb) uint8 or None, totals [visited, candidates])."""
     b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
     hkv, t = k.shape[1], k.shape[2]
-    g, bs = hq // hkv, cfg.block_size
-    nb = -(-t // bs)
-    if g > 64:
-        raise ValueError(f"the CPU ART kernel supports up to 64 query heads per KV head, got {g}")
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
-    if k.dtype not in DTYPES or v.dtype != k.dtype:
-        k, v = k.float(), v.float()
+    nb = -(-t // cfg.block_size)
+    k, v = _kernel_kv(k, v)
     q = q.contiguous() if q.dtype in DTYPES else q.float().contiguous()
     kmin = kmax = None
     if key_bounds is not None:
-        kmin, kmax = key_bounds
-        if kmin.dtype != torch.float32 or not kmin.is_contiguous() or not kmax.is_contiguous():
-            kmin, kmax = kmin.float().contiguous(), kmax.float().contiguous()
+        kmin, kmax = _kernel_bounds(key_bounds)
         done = nb if bounds_done is None else bounds_done
         if kmin.shape[:2] != (b, hkv) or kmin.shape[2] < done or kmin.shape[3] != d:
             raise ValueError(f"key_bounds must be ({b}, {hkv}, >= {done}, {d}), got {tuple(kmin.shape)}")
@@ -107,15 +145,8 @@ def _launch(q, k, v, cfg: ARTConfig, scale: float, *, valid=None, block_scores=N
     ints = torch.empty(3, b * hkv, dtype=torch.int32)
     totals = torch.empty(2, dtype=torch.int64)
     vmask = torch.zeros(b * hkv, nb, dtype=torch.uint8) if want_mask else None
-    p = _Params(B=b, HKV=hkv, G=g, T=t, D=d, NB=nb, BS=bs, dtype=DTYPES[k.dtype], q_dtype=DTYPES[q.dtype],
-                sk_b=k.stride(0), sk_h=k.stride(1), sk_t=k.stride(2),
-                sv_b=v.stride(0), sv_h=v.stride(1), sv_t=v.stride(2),
-                mode=1 if cfg.mode == "stability" else 2, patience=cfg.patience, min_blocks=cfg.min_blocks,
-                sink_tokens=cfg.sink_tokens, recent_blocks=cfg.recent_blocks, budget=block_budget or 0,
-                bound_cap=kmin.shape[2] if kmin is not None else 0,
-                bounds_done=(nb if bounds_done is None else bounds_done) if kmin is not None else 0,
-                nthreads=torch.get_num_threads(), order_bound=cfg.order == "bound", tau=cfg.tau, phi=cfg.phi,
-                eps=cfg.eps, scale=scale)
+    p = _params(q, k, v, cfg, scale, MODE_CODES[cfg.mode] if cfg.active else 0, kmin,
+                nb if bounds_done is None else bounds_done, block_budget)
     return p, (q, k, v, valid, kmin, kmax, block_scores, order, out, ints, vmask, totals)
 
 
@@ -185,3 +216,47 @@ def decode_attention_cpu(q, k, v, cfg: ARTConfig, block_scores=None, *, key_padd
     stats = ARTStats(ints[0].view(b, hkv).long(), ints[1].view(b, hkv).long(), ints[2].view(b, hkv).long(),
                      vmask.view(b, hkv, nb).bool())
     return out.view(b, hq, 1, d), stats
+
+
+def _row_ints(x: torch.Tensor | None, b: int, name: str) -> torch.Tensor | None:
+    """A (b,) per-row integer tensor as the kernel reads it (int32, contiguous, on the CPU)."""
+    if x is None:
+        return None
+    x = torch.as_tensor(x)
+    if x.shape != (b,) or x.dtype.is_floating_point or x.dtype == torch.bool:
+        raise ValueError(f"{name} must be ({b},) integers, got {tuple(x.shape)} {x.dtype}")
+    return x.to(torch.int32).contiguous()
+
+
+def decode_rows_cpu(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
+                    quest_ratio: float = 0.0, scale: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attention.kernels.dispatch.decode_rows` with the CPU kernel (see there for the arguments): each
+    batch entry reads its pool row in place through the strides of k and v (no copy of the pool), so the
+    work is per batch entry, never per pool row. Returns (out (b, hq, d), visited (b,), candidates (b,))."""
+    b, hq, hkv, t, d = check_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds,
+                                  quest_ratio=quest_ratio)
+    if q.device.type != "cpu":
+        raise ValueError(f"the CPU ART kernel runs on CPU tensors, got {q.device}")
+    lengths, starts, rows = (_row_ints(x, b, name) for x, name in ((lengths, "lengths"), (starts, "starts"),
+                                                                   (rows, "rows")))
+    check_row_values(k.shape[0], t, lengths, starts, rows)   # the kernel trusts them: no reads out of bounds
+    scale = d ** -0.5 if scale is None else scale
+    k, v = _kernel_kv(k, v)
+    q = q.contiguous() if q.dtype in DTYPES else q.float().contiguous()
+    kmin = kmax = None
+    if key_bounds is not None and (cfg.uses_bounds or quest_ratio > 0):
+        kmin, kmax = _kernel_bounds(key_bounds)
+    p = _params(q, k, v, cfg, scale, MODE_CODES[cfg.mode] if cfg.active else 0, kmin, ROWS_DONE,
+                quest_ratio=quest_ratio)
+    out = torch.empty(b, hq, d, dtype=q.dtype)
+    ints = torch.empty(3, b * hkv, dtype=torch.int32)
+    totals = torch.empty(2, dtype=torch.int64)
+    rc = library().art_decode_rows(ctypes.byref(p), _ptr(q), _ptr(k), _ptr(v), _ptr(rows), _ptr(starts),
+                                   _ptr(lengths), _ptr(kmin), _ptr(kmax), _ptr(out), _ptr(ints[0]), _ptr(ints[1]),
+                                   _ptr(ints[2]), _ptr(totals))
+    if rc:
+        raise RuntimeError(f"the CPU ART kernel refused its arguments (code {rc})")
+    visited = ints[0].view(b, hkv).sum(-1, dtype=torch.int64)
+    candidates = ints[1].view(b, hkv).sum(-1, dtype=torch.int64)
+    return out, visited, candidates

@@ -1,5 +1,6 @@
-"""`decode_attention` with a choice of implementation: the PyTorch reference (the oracle, any device),
-the CPU kernel (attention/kernels/art_cpu.c) or the Triton kernel (GPU). All make the same decisions."""
+"""`decode_attention` and `decode_rows` with a choice of implementation: the PyTorch reference (the
+oracle, any device), the CPU kernel (attention/kernels/art_cpu.c) or the Triton kernel (GPU). All make the
+same decisions."""
 from __future__ import annotations
 
 import functools
@@ -24,19 +25,28 @@ def _cpu_kernel_ok() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_ok() -> bool:
+    from attention.kernels import triton_decode
+
+    if triton_decode.triton is None:   # said once: every layer of every step would repeat it
+        warnings.warn("Triton is not installed: ART decode attention on CUDA falls back to the (slow) PyTorch "
+                      "reference; pip install triton", stacklevel=3)
+        return False
+    return True
+
+
 def resolve(impl: str, device: torch.device, block_size: int) -> str:
-    """The implementation `impl` means for tensors on `device` ("auto": the fastest that runs there)."""
+    """The implementation `impl` means for tensors on `device` ("auto": the fastest that runs there). The
+    Triton kernel takes any block size (it pads blocks inside), so on CUDA only a missing Triton falls back."""
     if impl not in IMPLS:
         raise ValueError(f"unknown ART implementation {impl!r}; valid: {', '.join(IMPLS)}")
     if impl != "auto":
         return impl
     if device.type == "cpu":
         return "cpu" if _cpu_kernel_ok() else "reference"
-    if device.type == "cuda":
-        from attention.kernels import triton_decode
-
-        if triton_decode.triton is not None and block_size >= 16 and block_size & (block_size - 1) == 0:
-            return "triton"
+    if device.type == "cuda" and _triton_ok():
+        return "triton"
     return "reference"
 
 
@@ -53,3 +63,40 @@ def decode_attention(q, k, v, cfg, block_scores=None, *, impl: str = "auto", **k
 
         return decode_attention_triton(q, k, v, cfg, block_scores, **kwargs)
     return reference.decode_attention(q, k, v, cfg, block_scores, **kwargs)
+
+
+def decode_rows(q, k, v, cfg, *, lengths, starts=None, rows=None, key_bounds=None, quest_ratio: float = 0.0,
+                scale: float | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode attention for a batch of rows of a preallocated KV pool, one query per row: the serving
+    engine's call, once per layer and step.
+
+    q: (b, q_heads, d), GQA when q_heads > kv_heads. k, v: (S, kv_heads, T, d) views of the pool (any
+    strides with a contiguous head dim; never copied). rows: (b,) the pool row each query reads (None: row
+    i). lengths: (b,) row i's valid positions end at lengths[i] (1 <= lengths[i] <= T); starts: (b,) where
+    they begin (sliding windows; None: 0). key_bounds: None or the pool's (kmin, kmax) fp32
+    (S, kv_heads, >= T // block_size, d) summaries of every *complete* block of each row (the partial newest
+    block is summarised from k); without them, bounds are computed from k where needed. quest_ratio > 0:
+    the Quest policy, each row keeping max(1, ceil((1 - ratio) * its candidate blocks)) blocks. cfg
+    inactive: every candidate block is walked (ART-off rows of a mixed batch).
+
+    Row i gives what `attention.reference.decode_attention` gives for q[i], pool row rows[i] sliced to
+    lengths[i], key_padding_mask [starts[i], lengths[i]) and that row's Quest budget
+    (`attention.reference.decode_rows` is that loop).
+
+    Returns (out (b, q_heads, d) in q's dtype, visited (b,) int64, candidates (b,) int64): blocks summed
+    over the KV heads of each row, on q's device. On CUDA (Triton) the call never makes the host wait for
+    the device: read the statistics once per step.
+    impl: "auto" (CPU kernel on CPU, Triton on CUDA), "cpu", "triton" or "reference".
+    """
+    name = resolve(impl, q.device, cfg.block_size)
+    kwargs = dict(lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds, quest_ratio=quest_ratio,
+                  scale=scale)
+    if name == "cpu":
+        from attention.kernels.cpu import decode_rows_cpu
+
+        return decode_rows_cpu(q, k, v, cfg, **kwargs)
+    if name == "triton":
+        from attention.kernels.triton_decode import decode_rows_triton
+
+        return decode_rows_triton(q, k, v, cfg, **kwargs)
+    return reference.decode_rows(q, k, v, cfg, **kwargs)

@@ -1,21 +1,31 @@
 """Triton ART decode kernel: split-KV, fp32 online-softmax state, the ART check inside the block loop.
 
-Same signature and semantics as `attention.reference.decode_attention` (its oracle): the host computes
-the visiting order with the reference's `visiting_order`, and each program walks one (sequence, KV head,
-split) over its share of that order with all query heads of the GQA group, stopping on its own. With
-one split the kernel makes exactly the reference's decisions; with several, each split stops on its own
-and writes a valid partial (m, l, acc) that the combine step merges exactly for what was visited.
+Two entry points over the same kernel:
+- `decode_attention_triton`: `attention.reference.decode_attention`'s signature and semantics (its oracle);
+  the host plans the walk with the reference's `plan_walk`.
+- `decode_rows_triton`: the serving engine's call over rows of a preallocated KV pool (see
+  `attention.kernels.dispatch.decode_rows`); the walk is planned by `plan_rows` in torch ops on the device,
+  so the whole call never makes the host wait for the GPU.
+
+Each program walks one (sequence, KV head, split) over its share of the visiting order with all query
+heads of the GQA group, stopping on its own. With one split the kernel makes exactly the reference's
+decisions; with several, each split stops on its own and writes a valid partial (m, l, acc) that the
+combine step merges exactly for what was visited. k and v are read through their strides (pool views are
+never copied). Any block size works: a block is walked in power-of-two chunks of at most MAX_CHUNK
+positions (at least 16, as tl.dot needs), the positions past the block masked.
 Tested on CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from attention.config import ARTConfig
-from attention.reference import (STOP_CERTIFIED, STOP_EXHAUSTED, STOP_STABLE, ARTStats, check_shapes,
-                                 dense_result, plan_walk)
+from attention.reference import (STOP_CERTIFIED, STOP_EXHAUSTED, STOP_STABLE, ARTStats, block_key_bounds,
+                                 check_rows, check_shapes, dense_result, plan_walk, upper_bounds, visiting_order)
 
 try:
     import triton
@@ -23,26 +33,38 @@ try:
 except ImportError:   # the reference still works; `decode_attention_triton` says what is missing
     triton = None
 
+MAX_CHUNK = 64   # positions of a block loaded at once: bigger blocks are walked in several chunks
+MODE_CODES = {"off": 0, "stability": 1, "certified": 2}   # the kernel's MODE: 0 walks every candidate
+
 
 if triton is not None:
 
     @triton.jit
     def _art_decode_kernel(
-        q_ptr, k_ptr, v_ptr, valid_ptr, order_ptr, nvalid_ptr, ub_ptr, need_ptr, ncand_ptr,
-        m_out, l_out, acc_out, visited_out, reason_out, vmask_out,
+        q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, valid_ptr, order_ptr, nvalid_ptr, ub_ptr, need_ptr,
+        ncand_ptr, m_out, l_out, acc_out, visited_out, reason_out, vmask_out,
         T, NB, G, D, blocks_per_split, scale, tau, phi, eps,
         sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-        HKV: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr, G_PAD: tl.constexpr,
-        D_PAD: tl.constexpr, NB_PAD: tl.constexpr, MODE: tl.constexpr, PATIENCE: tl.constexpr,
+        HKV: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
+        G_PAD: tl.constexpr, D_PAD: tl.constexpr, NB_PAD: tl.constexpr, MODE: tl.constexpr,
+        PATIENCE: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr, STORE_MASK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = pid % SPLITS
         bh = pid // SPLITS
         b = bh // HKV
         h = bh % HKV
+        if HAS_ROWS:   # the pool row this batch entry reads
+            r = tl.load(rows_ptr + b).to(tl.int64)
+        else:
+            r = b.to(tl.int64)
+        row_start = tl.load(start_ptr + b)   # valid positions [row_start, row_end)
+        row_end = tl.load(end_ptr + b)
+        k_row = k_ptr + r * sk_b + h * sk_h   # int64 offsets: a pool may exceed 2**31 elements
+        v_row = v_ptr + r * sv_b + h * sv_h
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, D_PAD)
-        offs_t = tl.arange(0, BS)
+        offs_c = tl.arange(0, CHUNK)
         gmask = offs_g < G
         dmask = offs_d < D
         q = tl.load(q_ptr + b * sq_b + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :],
@@ -66,27 +88,33 @@ if triton is not None:
         reason = start * 0
         while (j < end) & (reason == 0):
             blk = tl.load(order_ptr + bh * NB + j)
-            pos = blk * BS + offs_t
-            inside = pos < T
-            valid = tl.load(valid_ptr + b * T + pos, mask=inside, other=0) != 0
-            kb = tl.load(k_ptr + b * sk_b + h * sk_h + pos[:, None] * sk_t + offs_d[None, :],
-                         mask=inside[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            vb = tl.load(v_ptr + b * sv_b + h * sv_h + pos[:, None] * sv_t + offs_d[None, :],
-                         mask=inside[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(kb), input_precision="ieee")
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision="ieee")
-            m = m_new
-            tl.store(vmask_out + bh * NB + blk, 1)
+            for c in range(N_CHUNKS):   # the block in chunks; the online softmax runs on across them
+                in_blk = c * CHUNK + offs_c
+                pos = blk * BS + in_blk
+                live = (in_blk < BS) & (pos >= row_start) & (pos < row_end)
+                if HAS_VALID:
+                    live = live & (tl.load(valid_ptr + b * T + pos, mask=live, other=0) != 0)
+                kb = tl.load(k_row + pos[:, None] * sk_t + offs_d[None, :],
+                             mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                vb = tl.load(v_row + pos[:, None] * sv_t + offs_d[None, :],
+                             mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                s = tl.dot(q, tl.trans(kb), input_precision="ieee")
+                s = tl.where(live[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                # a chunk with no valid position before any valid one leaves m at -inf: no NaN from inf - inf
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m - m_safe)
+                p = tl.exp(s - m_safe[:, None])
+                l = l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision="ieee")
+                m = m_new
+            if STORE_MASK:
+                tl.store(vmask_out + bh * NB + blk, 1)
             j += 1
             visited = j - start
-            o = acc / l[:, None]
             may_stop = (visited >= need - start) & (j < n_cand)
             if MODE == 1:   # stability: magnitude and direction change of the running output
+                o = acc / l[:, None]
                 on = tl.sqrt(tl.sum(o * o, 1))
                 pn = tl.sqrt(tl.sum(o_prev * o_prev, 1))
                 d_mag = tl.sqrt(tl.sum((o - o_prev) * (o - o_prev), 1)) / tl.maximum(pn, 1e-30)
@@ -97,13 +125,13 @@ if triton is not None:
                 run = tl.where(checked, tl.where(stable, run + 1, 0), run)
                 if may_stop & checked & (run >= PATIENCE):
                     reason = 1
-            else:
+                o_prev = o
+            elif MODE == 2:   # certified: bound on the unvisited mass <= eps
                 rest = tl.sum(tl.where((offs_n >= j)[None, :] & (offs_n < n_cand)[None, :],
                                        nval_all[None, :] * tl.exp(ub_all - m[:, None]), 0.0), 1)
                 bound = tl.where(gmask, rest / (l + rest), 0.0)
                 if may_stop & (tl.max(bound, 0) <= eps):
                     reason = 2
-            o_prev = o
         out_row = pid
         tl.store(m_out + out_row * G_PAD + offs_g, m)
         tl.store(l_out + out_row * G_PAD + offs_g, l)
@@ -116,58 +144,222 @@ def _next_pow2(x: int, at_least: int = 16) -> int:
     return max(at_least, 1 << (max(x, 1) - 1).bit_length())
 
 
-def decode_attention_triton(q, k, v, cfg: ARTConfig, block_scores=None, *, key_padding_mask=None,
-                            lengths=None, scale: float | None = None, key_bounds=None,
-                            block_budget: int | None = None, num_splits: int = 1) -> tuple[torch.Tensor, ARTStats]:
-    """`decode_attention` with the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1)."""
+def _chunking(block_size: int, max_chunk: int | None = None) -> dict:
+    """The kernel's BS, CHUNK and N_CHUNKS for a block size: power-of-two chunks (>= 16, <= max_chunk,
+    default MAX_CHUNK)."""
+    chunk = min(_next_pow2(block_size), max(16, MAX_CHUNK if max_chunk is None else max_chunk))
+    return dict(BS=block_size, CHUNK=chunk, N_CHUNKS=-(-block_size // chunk))
+
+
+def _need_triton() -> None:
     if triton is None:
         raise ImportError("the Triton kernel needs `triton` (pip install triton); use "
                           "attention.reference.decode_attention otherwise")
-    bs = cfg.block_size
-    if bs < 16 or bs & (bs - 1):
-        raise ValueError(f"the Triton kernel needs a power-of-two block_size >= 16, got {bs}")
+
+
+@dataclass
+class _Launch:
+    """One kernel launch: grid, arguments, compile-time constants, and the outputs it fills."""
+
+    grid: tuple[int]
+    args: tuple
+    meta: dict
+    m: torch.Tensor            # (programs, g_pad) running max
+    l: torch.Tensor            # (programs, g_pad) normaliser
+    acc: torch.Tensor          # (programs, g_pad, d_pad) accumulator
+    visited: torch.Tensor      # (programs,) int32 blocks visited
+    reason: torch.Tensor       # (programs,) int32 stop reason
+    vmask: torch.Tensor        # (b * hkv, nb) int8 visited blocks (when meta STORE_MASK)
+    n_cand: torch.Tensor       # (b, hkv) int32 candidate blocks
+
+    def run(self) -> None:
+        _art_decode_kernel[self.grid](*self.args, **self.meta)
+
+
+def _launch(q3, k, v, cfg: ARTConfig, mode: int, *, rows, starts, ends, valid, order, n_valid, ub, need, n_cand,
+            t: int, scale: float, splits: int = 1, store_mask: bool = False, max_chunk: int | None = None) -> _Launch:
+    """The launch for q3 (b, hq, d) contiguous against k, v (rows, hkv, T, d) read through their strides;
+    the plan tensors as `plan_walk` / `plan_rows` make them. Allocation only: nothing is read back."""
+    b, hq, d = q3.shape
+    hkv = k.shape[1]
+    g, nb = hq // hkv, order.shape[-1]
+    g_pad, d_pad = _next_pow2(g), _next_pow2(d)
+    per_split = math.ceil(nb / splits)
+    programs = b * hkv * splits
+    dev = q3.device
+    m = torch.empty(programs, g_pad, device=dev)
+    l = torch.empty(programs, g_pad, device=dev)
+    acc = torch.empty(programs, g_pad, d_pad, device=dev)
+    visited = torch.empty(programs, dtype=torch.int32, device=dev)
+    reason = torch.empty(programs, dtype=torch.int32, device=dev)
+    vmask = torch.zeros(b * hkv, nb, dtype=torch.int8, device=dev) if store_mask else visited
+    i32 = dict(dtype=torch.int32)
+    n_cand = n_cand.to(**i32).contiguous()
+    args = (q3, k, v, rows if rows is not None else ends, starts, ends, valid if valid is not None else ends,
+            order.to(**i32).contiguous(), n_valid.to(**i32).contiguous(), ub.contiguous(), need.to(**i32).contiguous(),
+            n_cand, m, l, acc, visited, reason, vmask,
+            t, nb, g, d, per_split, scale, float(cfg.tau), float(cfg.phi), float(cfg.eps),
+            q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    meta = dict(HKV=hkv, SPLITS=splits, G_PAD=g_pad, D_PAD=d_pad, NB_PAD=_next_pow2(nb, 1), MODE=mode,
+                PATIENCE=cfg.patience, HAS_ROWS=rows is not None, HAS_VALID=valid is not None,
+                STORE_MASK=store_mask, **_chunking(cfg.block_size, max_chunk))
+    return _Launch((programs,), args, meta, m, l, acc, visited, reason, vmask, n_cand)
+
+
+def _padded_bounds(ub: torch.Tensor | None, b: int, hkv: int, g: int, nb: int, device) -> torch.Tensor:
+    """(b, hkv, g_pad, nb) fp32 score bounds as the kernel reads them (zeros where there are none)."""
+    if ub is None:
+        return torch.zeros(b, hkv, _next_pow2(g), nb, device=device)
+    return F.pad(ub.float(), (0, 0, 0, _next_pow2(g) - g)).contiguous()
+
+
+def decode_attention_triton(q, k, v, cfg: ARTConfig, block_scores=None, *, key_padding_mask=None,
+                            lengths=None, scale: float | None = None, key_bounds=None,
+                            block_budget: int | None = None, num_splits: int = 1) -> tuple[torch.Tensor, ARTStats]:
+    """`decode_attention` with the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); any block size."""
+    _need_triton()
     walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget)
     if not cfg.active:
         return dense_result(q, k, v, walk)
     b, hq, hkv, t, d = check_shapes(q, k, v)
     g, nb = hq // hkv, walk.cand.shape[-1]
-    g_pad, d_pad = _next_pow2(g), _next_pow2(d)
-    ub = torch.zeros(b, hkv, g_pad, nb, device=q.device)
-    if walk.ub is not None:
-        ub[:, :, :g] = walk.ub
     n_cand = walk.cand.sum(-1)
     splits = max(1, min(num_splits, nb))
-    per_split = math.ceil(nb / splits)
-    rows = b * hkv * splits
     dev = q.device
-    m = torch.empty(rows, g_pad, device=dev)
-    l = torch.empty(rows, g_pad, device=dev)
-    acc = torch.empty(rows, g_pad, d_pad, device=dev)
-    visited = torch.empty(rows, dtype=torch.int32, device=dev)
-    reason = torch.empty(rows, dtype=torch.int32, device=dev)
-    vmask = torch.zeros(b * hkv, nb, dtype=torch.int8, device=dev)
-    kc, vc = k.contiguous(), v.contiguous()
-    qc = q.contiguous().view(b, hq, d)
-    _art_decode_kernel[(rows,)](
-        qc, kc, vc, walk.valid.to(torch.int8).contiguous(), walk.order.to(torch.int32).contiguous(),
-        walk.n_valid.to(torch.int32).contiguous(), ub.contiguous(), walk.need.to(torch.int32).contiguous(),
-        n_cand.to(torch.int32).contiguous(), m, l, acc, visited, reason, vmask,
-        t, nb, g, d, per_split, walk.scale, float(cfg.tau), float(cfg.phi), float(cfg.eps),
-        qc.stride(0), qc.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2),
-        HKV=hkv, SPLITS=splits, BS=bs, G_PAD=g_pad, D_PAD=d_pad, NB_PAD=_next_pow2(nb, 1),
-        MODE=1 if cfg.mode == "stability" else 2, PATIENCE=cfg.patience,
-    )
+    launch = _launch(q.contiguous().view(b, hq, d), k, v, cfg, MODE_CODES[cfg.mode], rows=None,
+                     starts=torch.zeros(b, dtype=torch.int32, device=dev),
+                     ends=torch.full((b,), t, dtype=torch.int32, device=dev),
+                     valid=walk.valid.to(torch.int8).contiguous(), order=walk.order, n_valid=walk.n_valid,
+                     ub=_padded_bounds(walk.ub, b, hkv, g, nb, dev), need=walk.need, n_cand=n_cand, t=t,
+                     scale=walk.scale, splits=splits, store_mask=True)
+    launch.run()
     # Combine the splits' partial states exactly (splits that visited nothing have l = 0).
-    m = m.view(b, hkv, splits, g_pad)[..., :g]
-    l = l.view(b, hkv, splits, g_pad)[..., :g]
-    acc = acc.view(b, hkv, splits, g_pad, d_pad)[..., :g, :d]
+    g_pad, d_pad = launch.m.shape[-1], launch.acc.shape[-1]
+    m = launch.m.view(b, hkv, splits, g_pad)[..., :g]
+    l = launch.l.view(b, hkv, splits, g_pad)[..., :g]
+    acc = launch.acc.view(b, hkv, splits, g_pad, d_pad)[..., :g, :d]
     m_all = m.amax(2, keepdim=True)
     w = torch.where(l > 0, torch.exp(m - m_all), torch.zeros_like(l))
     out = (acc * w[..., None]).sum(2) / (l * w).sum(2)[..., None]
-    reasons = reason.view(b, hkv, splits)
+    reasons = launch.reason.view(b, hkv, splits)
     stop = torch.where((reasons == 1).any(-1), STOP_STABLE,
                        torch.where((reasons == 2).any(-1), STOP_CERTIFIED, STOP_EXHAUSTED))
-    stats = ARTStats(visited.view(b, hkv, splits).sum(-1).long(), n_cand, stop.long(),
-                     vmask.view(b, hkv, nb).bool())
+    stats = ARTStats(launch.visited.view(b, hkv, splits).sum(-1).long(), n_cand, stop.long(),
+                     launch.vmask.view(b, hkv, nb).bool())
     return out.reshape(b, hq, 1, d).to(q.dtype), stats
+
+
+# ---- decode over rows of a KV pool ------------------------------------------------------------------------
+
+@dataclass
+class RowsPlan:
+    """A `decode_rows` walk planned on the device (torch ops only, nothing read back to the host)."""
+
+    q: torch.Tensor            # (b, hq, d) contiguous
+    rows: torch.Tensor | None  # (b,) int32 pool row per batch entry (None: row i)
+    starts: torch.Tensor       # (b,) int32 first valid position
+    ends: torch.Tensor         # (b,) int32 one past the last valid position
+    n_valid: torch.Tensor      # (b, nb) valid positions per block
+    cand: torch.Tensor         # (b, hkv, nb) candidate blocks (after the Quest budget)
+    order: torch.Tensor        # (b, hkv, nb) visiting order, candidates first
+    need: torch.Tensor         # (b, hkv) blocks always visited (sink, recent, min_blocks)
+    ub: torch.Tensor | None    # (b, hkv, g, nb) score bounds (-inf off the candidates), where needed
+    scale: float
+
+
+def _row_ints(x, b: int, device, default) -> torch.Tensor:
+    """A per-row integer tensor on `device` as int64 (`default` (b,) where x is None); no read-back."""
+    return default if x is None else torch.as_tensor(x).to(device=device, dtype=torch.int64)
+
+
+def rows_key_bounds(k, rows, starts, ends, block_size: int, nb: int, key_bounds=None):
+    """(kmin, kmax) (b, hkv, nb, d) fp32 per batch entry: the pool's kept summaries for the complete blocks
+    below each row's length, the partial newest block summarised from k; +inf/-inf beyond. Without
+    key_bounds, every block from k over the row's valid positions (the whole rows are gathered)."""
+    t = k.shape[2]
+    if key_bounds is None:
+        pos = torch.arange(t, device=k.device)
+        valid = (pos >= starts[:, None]) & (pos < ends[:, None])
+        return block_key_bounds(k[rows], valid, block_size)
+    blk = torch.arange(nb, device=k.device)
+    partial = ends // block_size                                   # (b,) the newest block, if incomplete
+    pos = partial[:, None] * block_size + torch.arange(block_size, device=k.device)
+    live = (pos >= starts[:, None]) & (pos < ends[:, None])        # (b, bs)
+    tail = k[rows[:, None], :, pos.clamp(max=t - 1)].float()       # (b, bs, hkv, d): only these keys are read
+    live = live[:, :, None, None]
+    pmin = tail.masked_fill(~live, math.inf).amin(1)[:, :, None, :]
+    pmax = tail.masked_fill(~live, -math.inf).amax(1)[:, :, None, :]
+    complete = (blk[None, :] < partial[:, None])[:, None, :, None]
+    is_partial = (blk[None, :] == partial[:, None])[:, None, :, None]
+    out = []
+    for kept, p, empty in ((key_bounds[0], pmin, math.inf), (key_bounds[1], pmax, -math.inf)):
+        kept = kept[:, :, :nb][rows].float()                          # only the batch's rows are gathered
+        kept = F.pad(kept, (0, 0, 0, nb - kept.shape[2]), value=empty)
+        out.append(torch.where(complete, kept, torch.where(is_partial, p, torch.full_like(kept, empty))))
+    return out[0], out[1]
+
+
+def plan_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
+              quest_ratio: float = 0.0, scale: float | None = None) -> RowsPlan:
+    """The reference's planning (`plan_walk`, per row) for a whole `decode_rows` batch at once, on q's
+    device with no host synchronisation: no value is read back, no branch depends on one."""
+    b, hq, hkv, t, d = check_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds,
+                                  quest_ratio=quest_ratio)
+    dev, bs, g = q.device, cfg.block_size, hq // hkv
+    nb = -(-t // bs)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    pool_rows = _row_ints(rows, b, dev, None)
+    ends = _row_ints(lengths, b, dev, None)
+    begins = _row_ints(starts, b, dev, torch.zeros(b, dtype=torch.int64, device=dev))
+    blk = torch.arange(nb, device=dev)
+    n_valid = (torch.minimum(ends[:, None], (blk + 1) * bs) - torch.maximum(begins[:, None], blk * bs)).clamp_min(0)
+    cand = (n_valid > 0)[:, None, :].expand(b, hkv, nb)
+    qs = q.float().reshape(b, hkv, g, d) * scale
+    ub = score = None
+    if cfg.uses_bounds or quest_ratio > 0:   # bound order, certified mode, Quest: all rank by the bound
+        gather = pool_rows if pool_rows is not None else torch.arange(b, device=dev)
+        kmin, kmax = rows_key_bounds(k, gather, begins, ends, bs, nb, key_bounds)
+        ub = upper_bounds(qs, kmin, kmax).masked_fill(~cand[:, :, None, :], -math.inf)
+        score = ub.amax(2)
+    order, n_protected = visiting_order(cand, (ends - 1) // bs, cfg, score)
+    if quest_ratio > 0:   # Quest: each row keeps its own share of its candidate blocks, the first of the order
+        budget = torch.ceil(cand.sum(-1).double() * (1.0 - quest_ratio)).clamp_min(1).long()
+        kept = blk < torch.maximum(n_protected, budget)[..., None]
+        cand = cand & torch.zeros_like(kept).scatter(-1, order, kept)
+    need = n_protected.clamp_min(cfg.min_blocks)
+    i32 = dict(dtype=torch.int32)
+    return RowsPlan(q.contiguous(), pool_rows.to(**i32) if pool_rows is not None else None, begins.to(**i32),
+                    ends.to(**i32), n_valid, cand, order, need, ub, scale)
+
+
+def prepare_rows(q, k, v, cfg: ARTConfig, *, max_chunk: int | None = None, **kwargs) -> _Launch:
+    """Plan a `decode_rows` call and prepare its kernel launch (`plan_rows`'s arguments): device work only."""
+    plan = plan_rows(q, k, v, cfg, **kwargs)
+    b, hq, d = plan.q.shape
+    hkv, nb = k.shape[1], plan.order.shape[-1]
+    return _launch(plan.q, k, v, cfg, MODE_CODES[cfg.mode] if cfg.active else 0, rows=plan.rows,
+                   starts=plan.starts, ends=plan.ends, valid=None, order=plan.order, n_valid=plan.n_valid,
+                   ub=_padded_bounds(plan.ub, b, hkv, hq // hkv, nb, q.device), need=plan.need,
+                   n_cand=plan.cand.sum(-1), t=k.shape[2], scale=plan.scale, max_chunk=max_chunk)
+
+
+def finish_rows(launch: _Launch, q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (b, hq, d) in q's dtype, visited (b,), candidates (b,)) from a run launch (one split)."""
+    b, hq, d = q.shape
+    hkv = launch.meta["HKV"]
+    g = hq // hkv
+    out = launch.acc[:, :g, :d] / launch.l[:, :g, None]
+    return (out.reshape(b, hq, d).to(q.dtype), launch.visited.view(b, hkv).sum(-1, dtype=torch.int64),
+            launch.n_cand.view(b, hkv).sum(-1, dtype=torch.int64))
+
+
+def decode_rows_triton(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
+                       quest_ratio: float = 0.0, scale: float | None = None, max_chunk: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attention.kernels.dispatch.decode_rows` with the Triton kernel (see there): no host
+    synchronisation; the statistics stay on the device. max_chunk: positions loaded at once (tests)."""
+    _need_triton()
+    launch = prepare_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds,
+                          quest_ratio=quest_ratio, scale=scale, max_chunk=max_chunk)
+    launch.run()
+    return finish_rows(launch, q)

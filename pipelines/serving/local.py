@@ -5,6 +5,9 @@ command, found again through a small state file, stopped by its PID.
     bg = Background.start(Path("examples/serve-tiny.yaml"), state=Path("/tmp/s.json"), log=Path("/tmp/s.log"))
     bg.url                      # once every replica is up
     bg.stop()                   # SIGTERM: `serve run` stops Serve and Ray itself
+
+`scheduler=` runs the spec with `scheduler.kind` overridden (`sparta serve run --scheduler`); the spec file
+itself is used where it is, so that its relative paths stay relative to its folder.
 """
 from __future__ import annotations
 
@@ -53,6 +56,26 @@ class LocalState:
             return None
 
 
+def scheduler_kinds() -> tuple[str, ...]:
+    """The spec's scheduler.kind choices (continuous, static)."""
+    from typing import get_args
+
+    from pipelines.serving.spec import SchedulerSpec
+
+    return get_args(SchedulerSpec.model_fields["kind"].annotation)
+
+
+def load_spec(path: str | Path, port: int | None = None, scheduler: str | None = None):
+    """The serve spec as `sparta serve run PATH [--port] [--scheduler]` deploys it: validated again with
+    `scheduler.kind` replaced (the section's other fields kept), since a spec may be valid for one kind only."""
+    from pipelines.serving.spec import load_serve_spec
+
+    spec = load_serve_spec(path, port=port)
+    if scheduler is None or scheduler == spec.scheduler.kind:
+        return spec
+    return load_serve_spec(path, port=port, scheduler={**spec.scheduler.model_dump(), "kind": scheduler})
+
+
 def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, exited but not yet reaped, does not)."""
     try:
@@ -93,13 +116,16 @@ class Background:
 
     @classmethod
     def start(cls, spec_path: Path, state: Path, log: Path, port: int | None = None,
-              timeout_s: float = 600.0) -> "Background":
+              timeout_s: float = 600.0, scheduler: str | None = None) -> "Background":
         """Start it and return once its replicas are up (it writes `state` then); DeploymentError when it
-        exits first or is not up after `timeout_s` (then it is stopped)."""
+        exits first or is not up after `timeout_s` (then it is stopped). `scheduler` overrides the spec's
+        scheduler.kind."""
         argv = [sys.executable, "-m", "pipelines.cli", "serve", "run", str(Path(spec_path).resolve()),
                 "--state", str(state)]
         if port is not None:
             argv += ["--port", str(port)]
+        if scheduler is not None:
+            argv += ["--scheduler", scheduler]
         log.parent.mkdir(parents=True, exist_ok=True)
         state.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as out:
@@ -127,14 +153,41 @@ class Background:
             raise
         return starting
 
-    def stop(self, timeout_s: float = 90.0) -> None:
+    def stop(self, timeout_s: float = 90.0, leftovers_s: float = 15.0) -> None:
+        """SIGTERM it (`serve run` stops Serve and Ray itself) and wait; SIGKILL its session after
+        `timeout_s`. Then no process it started may outlive it: a `serve run` stopped before its own
+        SIGTERM handler is in place (while it deploys) exits at once, and the Ray processes it started
+        (the HTTP proxy holding the port among them) would otherwise linger; whatever is left of them after
+        `leftovers_s` is killed (psutil checks each is still the process it was, not a reused PID)."""
+        descendants = _descendants(self.proc.pid) if self.proc.poll() is None else []
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)   # `serve run` stops Serve and Ray itself
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)   # the session this process started
+                _killpg(self.proc.pid)   # the session this process started
                 self.proc.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=leftovers_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tail(log: Path, lines: int = 30) -> str:

@@ -72,7 +72,7 @@ def _check_folder(marker: str, what: str):
 
 def _check_tokenizer(name: str | None, info: ValidationInfo) -> str | None:
     from workers.data.assets import MODELS
-    from workers.serving.engine import BYTES
+    from workers.serving.codec import BYTES
 
     if name is None or name == BYTES or name in MODELS:
         return name
@@ -85,7 +85,7 @@ def _check_tokenizer(name: str | None, info: ValidationInfo) -> str | None:
 
 def _check_art(value: Any) -> Any:
     from attention.config import PRESETS
-    from workers.serving.engine import RequestError, art_config
+    from workers.serving.requests import RequestError, art_config
 
     # YAML 1.1 reads a bare off / no / false as the boolean False: in a spec that means ART off. A bare
     # true / on / yes says nothing about which settings, so it is refused with the choices.
@@ -136,6 +136,30 @@ class BatchingSpec(Section):
     wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
 
 
+class SchedulerSpec(Section):
+    """How a replica schedules its requests. `continuous` (iteration-level, as vLLM does): a preallocated KV
+    pool of `kv_cache_tokens` positions in slots of `max_context` (one per running sequence); a new request is
+    prefilled in chunks of at most `max_prefill_tokens` prompt tokens per step and joins the running decode
+    batch at the next step; a finished one leaves at once. When every slot is taken, up to `max_queued`
+    requests wait; beyond that a request gets 503 with Retry-After. `static`: Serve's `@serve.batch` gathers
+    requests (`batching`) and each batch decodes to its longest budget before the next starts (for
+    comparison)."""
+
+    kind: Literal["continuous", "static"] = "continuous"
+    kv_cache_tokens: int | None = Field(None, ge=16)   # default: 8 slots of max_context
+    max_prefill_tokens: int = Field(256, ge=16, le=65536)
+    max_queued: int = Field(64, ge=0, le=100000)
+
+
+class SamplingSpec(Section):
+    """Sampling defaults for requests that leave these parameters out (OpenAI's: temperature 1, top_p 1;
+    top_k 0 is off). Temperature 0 is greedy decoding."""
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+
+
 class ServeSpec(Section):
     """A whole deployment. Build it with `load_serve_spec(path)` or `ServeSpec.model_validate(dict)`."""
 
@@ -154,8 +178,12 @@ class ServeSpec(Section):
     max_context: int = Field(2048, ge=16)
     max_new_tokens: int = Field(256, ge=1)
     replicas: int | AutoscalingSpec = 1
-    batching: BatchingSpec = Field(default_factory=BatchingSpec)
-    max_ongoing_requests: int = Field(32, ge=1)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)   # scheduler.kind static only
+    # Requests Serve hands one replica at once (more wait in Serve's queue); default: the continuous
+    # scheduler's slots + max_queued + 1 (so that a full replica answers 503 itself), static: 32.
+    max_ongoing_requests: int | None = Field(None, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float | None = Field(None, ge=0)   # default: 1 with device cuda, else 0
     host: str = "127.0.0.1"
@@ -195,9 +223,13 @@ class ServeSpec(Section):
         if self.max_new_tokens >= self.max_context:
             raise FieldError(("max_new_tokens",), f"max_new_tokens ({self.max_new_tokens}) leaves no room for a prompt "
                       f"in max_context ({self.max_context})", root=True)
-        if self.max_ongoing_requests < self.batching.max_batch_size:
-            raise FieldError(("max_ongoing_requests",), f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+        if self.scheduler.kind == "static" and self.ongoing_requests < self.batching.max_batch_size:
+            raise FieldError(("max_ongoing_requests",), f"max_ongoing_requests ({self.ongoing_requests}) must be >= "
                       f"batching.max_batch_size ({self.batching.max_batch_size}), or batches never fill", root=True)
+        if self.scheduler.kv_cache_tokens is not None and self.scheduler.kv_cache_tokens < self.max_context:
+            raise FieldError(("scheduler", "kv_cache_tokens"), f"kv_cache_tokens ({self.scheduler.kv_cache_tokens}) "
+                             f"holds no slot of max_context ({self.max_context}) positions; give at least "
+                             f"{self.max_context}", root=True)
         if self.device == "cpu" and self.gpus_per_replica:
             raise FieldError(("gpus_per_replica",), "device cpu holds no GPU; leave gpus_per_replica unset", root=True)
         if not registry:   # the model's own limits, from its config (registry models: at resolution)
@@ -218,6 +250,22 @@ class ServeSpec(Section):
 
     # -- derived values ----------------------------------------------------------------------------
     @property
+    def kv_cache_tokens(self) -> int:
+        """The continuous scheduler's KV pool in positions (default: 8 slots of max_context)."""
+        return self.scheduler.kv_cache_tokens or 8 * self.max_context
+
+    @property
+    def kv_slots(self) -> int:
+        """Sequences a replica decodes at once under the continuous scheduler."""
+        return self.kv_cache_tokens // self.max_context
+
+    @property
+    def ongoing_requests(self) -> int:
+        if self.max_ongoing_requests is not None:
+            return self.max_ongoing_requests
+        return self.kv_slots + self.scheduler.max_queued + 1 if self.scheduler.kind == "continuous" else 32
+
+    @property
     def served_name(self) -> str:
         if self.name:
             return self.name
@@ -231,7 +279,7 @@ class ServeSpec(Section):
         return Path(m).name if "/" in m else m
 
     def art_config(self):
-        from workers.serving.engine import art_config
+        from workers.serving.requests import art_config
         return art_config(self.art)
 
     def resolved_api_key(self) -> str | None:
@@ -255,7 +303,8 @@ class ServeSpec(Section):
 
 
 # -- errors ----------------------------------------------------------------------------------------
-_SECTIONS: dict[str, type[BaseModel]] = {"kv": KVSpec, "batching": BatchingSpec, "replicas": AutoscalingSpec}
+_SECTIONS: dict[str, type[BaseModel]] = {"kv": KVSpec, "batching": BatchingSpec, "replicas": AutoscalingSpec,
+                                         "scheduler": SchedulerSpec, "sampling": SamplingSpec}
 
 
 def _path(loc: tuple) -> str:
@@ -292,5 +341,5 @@ def load_serve_spec(path: str | Path, **overrides) -> ServeSpec:
     return ServeSpec.model_validate(data, context={"base_dir": path.parent, "source": str(path)})
 
 
-__all__ = ["AutoscalingSpec", "BatchingSpec", "FieldError", "KVSpec", "ServeSpec", "ServeSpecError",
-           "is_registry_uri", "load_serve_spec"]
+__all__ = ["AutoscalingSpec", "BatchingSpec", "FieldError", "KVSpec", "SamplingSpec", "SchedulerSpec", "ServeSpec",
+           "ServeSpecError", "is_registry_uri", "load_serve_spec"]

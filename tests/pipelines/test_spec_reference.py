@@ -5,7 +5,8 @@ import pytest
 from pydantic import Field
 
 from pipelines import PROJECT_ROOT, spec_reference as sr
-from pipelines.serving.spec import AutoscalingSpec, BatchingSpec, KVSpec, ServeSpec
+from pipelines.serving.spec import AutoscalingSpec, BatchingSpec, KVSpec, SamplingSpec, ServeSpec
+from pipelines.serving.spec import SchedulerSpec as ServeSchedulerSpec
 from pipelines.sweeps.spec import (DatasetSpec, DeepSpeedSpec, ResourcesSpec, SchedulerSpec, SearchSpec, SweepSpec,
                                    TrainSpec)
 
@@ -14,7 +15,8 @@ from pipelines.sweeps.spec import (DatasetSpec, DeepSpeedSpec, ResourcesSpec, Sc
 SECTIONS = {
     "sweep": {"": SweepSpec, "datasets[].": DatasetSpec, "search.": SearchSpec, "train.": TrainSpec,
               "deepspeed.": DeepSpeedSpec, "resources.": ResourcesSpec, "scheduler.": SchedulerSpec},
-    "serve": {"": ServeSpec, "kv.": KVSpec, "replicas.": AutoscalingSpec, "batching.": BatchingSpec},
+    "serve": {"": ServeSpec, "kv.": KVSpec, "replicas.": AutoscalingSpec, "batching.": BatchingSpec,
+              "scheduler.": ServeSchedulerSpec, "sampling.": SamplingSpec},
 }
 
 

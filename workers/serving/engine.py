@@ -1,6 +1,10 @@
-"""The serving engine: one causal LM that turns token prompts into greedy completions, a batch at a time,
-with a KV policy at prefill and ART at decode. Plain Python, no Ray: `workers.serving.replica` wraps it for Ray
-Serve, and tests drive it directly.
+"""The serving engines' common part and the static batch engine: one causal LM that turns token prompts into
+completions, with a KV policy at prefill and ART at decode. Plain Python, no Ray: `workers.serving.replica`
+wraps an engine for Ray Serve, and tests drive them directly.
+
+`Engine` (this module) loads the model, checks requests, and decodes a list of jobs as static batches:
+`run(jobs)` groups compatible jobs, prefills each group together and decodes it to its longest budget.
+`workers.serving.continuous.ContinuousEngine` serves the same jobs with iteration-level scheduling.
 
     engine = Engine(EngineConfig(model="smollm2-135m", art=ARTConfig.preset("tuned").to_dict()))
     job = Job(engine.codec.encode("The capital of France is"), max_tokens=8)
@@ -11,156 +15,27 @@ from __future__ import annotations
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from attention import ARTConfig, enable_art
-from attention.config import PRESETS, parse_art
-from attention.generate import greedy_decode, prefill
-from attention.hf import POLICIES, art_supported, make_press
+from attention.generate import decode, prefill
+from attention.hf import art_supported, make_press
 from workers import hardware
 from workers.hardware import DEVICES, DTYPES   # dtype auto: bf16 where the device runs it natively
-
-BYTES = "bytes"   # the tokenizer name of workers.data.datasets.ByteTokenizer (what the tiny random models train with)
-# Serving bounds on ART fields beyond ARTConfig's own checks, so one request cannot make a replica crawl.
-ART_BOUNDS = {"block_size": (8, 1024), "patience": (1, 256), "min_blocks": (1, 4096), "sink_tokens": (0, 4096),
-              "recent_blocks": (0, 256)}
-OFF = ARTConfig(mode="off")
-
-
-class RequestError(ValueError):
-    """A request (or spec value) the engine refuses: `param` names the field, `code` is a short
-    OpenAI-style error code, `status` the HTTP status a server answers with."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value", status: int = 400):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status = message, param, code, status
-
-
-def _art_value(name: str, value: Any, param: str):
-    default = getattr(ARTConfig(), name)
-    ok = (isinstance(value, bool) if isinstance(default, bool) else
-          isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int) else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
-          isinstance(value, str))
-    if not ok:
-        kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[type(default)]
-        raise RequestError(f"ART field {name!r} must be {kind}, got {value!r}", f"{param}.{name}")
-    return float(value) if isinstance(default, float) else value
-
-
-def art_config(value: Any, base: ARTConfig = OFF, param: str = "art") -> ARTConfig:
-    """ART settings from a spec or a request: None (`base`), "off", a preset with optional overrides
-    ("tuned", "tuned+tau=1e-3+block_size=32"), or a dict of ARTConfig fields, optionally with "preset"
-    (the dict's fields override that preset, else `base`). Raises RequestError naming the bad field."""
-    if value is None:
-        cfg = base
-    elif isinstance(value, str):
-        if value.strip() == "off":
-            return OFF
-        try:
-            cfg = parse_art(value.strip())
-        except ValueError as e:
-            hint = " (or off)" if "preset" in str(e) else f"; presets: {', '.join(PRESETS)}, off"
-            raise RequestError(f"{e}{hint}", param) from None
-    elif isinstance(value, dict):
-        valid = [f.name for f in fields(ARTConfig)]
-        unknown = [k for k in value if k not in valid and k != "preset"]
-        if unknown:
-            raise RequestError(f"unknown ART field {unknown[0]!r}; valid: preset, {', '.join(valid)}",
-                               f"{param}.{unknown[0]}", code="unknown_art_field")
-        start = base
-        if "preset" in value:
-            name = value["preset"]
-            if name == "off":
-                start = OFF
-            elif not isinstance(name, str) or name not in PRESETS:
-                raise RequestError(f"unknown ART preset {name!r}; valid: {', '.join(PRESETS)}, off", f"{param}.preset")
-            else:
-                start = ARTConfig.preset(name)
-        overrides = {k: _art_value(k, v, param) for k, v in value.items() if k != "preset"}
-        try:
-            cfg = start.with_overrides(**overrides)
-        except ValueError as e:
-            raise RequestError(str(e), param) from None
-    elif isinstance(value, bool):
-        # Strict for JSON's booleans: "off" says what is meant; true names no setting. (A serve spec maps
-        # YAML's bare `off`, read as False, to "off" before it gets here: pipelines.serving.spec.)
-        raise RequestError(f"give ART settings as a preset name ({', '.join(PRESETS)}; optional +field=value "
-                           f"overrides), \"off\", or an object of ARTConfig fields; got {str(value).lower()}"
-                           + ('; to turn ART off send "off"' if not value else ""), param)
-    else:
-        raise RequestError(f"give ART settings as a preset name (with optional +field=value overrides), off, "
-                           f"or an object of ARTConfig fields; got {value!r}", param)
-    for name, (low, high) in ART_BOUNDS.items():
-        v = getattr(cfg, name)
-        if not low <= v <= high:
-            raise RequestError(f"ART field {name!r} must be in [{low}, {high}] when serving, got {v!r}", f"{param}.{name}")
-    return cfg
-
-
-def kv_config(value: Any, base: tuple[str, float], param: str = "kv") -> tuple[str, float]:
-    """A request's KV policy: None (`base`, the server's), or {"policy": NAME, "ratio": FRACTION} (a
-    missing ratio is 0, a missing policy the server's). Raises RequestError naming the bad field."""
-    if value is None:
-        return base
-    if not isinstance(value, dict):
-        raise RequestError(f"give the KV policy as an object {{\"policy\": NAME, \"ratio\": FRACTION}}, got {value!r}", param)
-    unknown = [k for k in value if k not in ("policy", "ratio")]
-    if unknown:
-        raise RequestError(f"unknown KV field {unknown[0]!r}; valid: policy, ratio", f"{param}.{unknown[0]}",
-                           code="unknown_kv_field")
-    policy, ratio = value.get("policy", base[0]), value.get("ratio", 0.0)
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise RequestError(f"unknown KV policy {policy!r}; valid: {', '.join(POLICIES)}", f"{param}.policy")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise RequestError(f"KV ratio must be a number in [0, 1), got {ratio!r}", f"{param}.ratio")
-    return policy, float(ratio)
-
-
-# -- text <-> tokens -------------------------------------------------------------------------------
-class Codec:
-    """Text and chat messages <-> token ids: a Hugging Face tokenizer, or the byte tokenizer of
-    workers.data.datasets for the tiny random models. Chat uses the tokenizer's template when it has one, else
-    a plain "role: content" transcript ending in "assistant:"."""
-
-    def __init__(self, tokenizer, model_eos: list[int] | None = None):
-        self.tok = tokenizer
-        self.hf = hasattr(tokenizer, "apply_chat_template")   # else the byte tokenizer
-        eos = {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
-        self.eos_ids = frozenset(eos | set(model_eos or ()))
-        self.pad_id = getattr(tokenizer, "pad_token_id", None)
-        if self.pad_id is None:
-            self.pad_id = min(self.eos_ids) if self.eos_ids else 0
-        self.has_template = bool(getattr(tokenizer, "chat_template", None))
-
-    def __len__(self) -> int:
-        return len(self.tok) if self.hf else 256
-
-    def encode(self, text: str) -> list[int]:
-        if self.hf:
-            return list(self.tok(text, add_special_tokens=True)["input_ids"])
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.has_template:
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            # The template spells out its own special tokens (<bos>, <|im_start|>): add none twice.
-            return list(self.tok(text, add_special_tokens=False)["input_ids"])
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+from workers.serving.codec import Codec, TextStream, load_tokenizer
+from workers.serving.requests import OFF, RequestError, art_config
+from workers.serving.sampling import GREEDY, SamplingParams, SequenceSampler, TokenLogprobs, sample
 
 
 # -- jobs and results ------------------------------------------------------------------------------
 @dataclass
 class ARTUsage:
-    """Decode-attention work for the batch a request was decoded in (the kernels count per call, over
-    every sequence of the batch): KV blocks visited and candidates, summed over layers, KV heads and steps."""
+    """Decode-attention work of a request: KV blocks visited and candidates, summed over layers, KV heads
+    and steps. The continuous engine counts the request's own rows; the static engine the whole batch it
+    was decoded in (its kernels count per call). `batch_size`: the largest decode batch it was part of."""
 
     mode: str
     visited_blocks: int
@@ -179,11 +54,23 @@ class ARTUsage:
 
 
 @dataclass
+class Delta:
+    """What one choice of a job produced in a step: text that became final (may be empty while held back),
+    the new token ids, their logprobs (when asked for) and, on its last delta, why it ended."""
+
+    index: int
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
 class Job:
-    """One request: prompt token ids, a token budget, stop strings, the ART settings to decode with and
-    the KV policy as (policy, ratio) (None: the engine's). `on_text(piece)` (optional) receives the
-    completion's text as it grows (for streaming); setting `cancelled` stops the job at the next step (a
-    client went away)."""
+    """One request: prompt token ids, a token budget per choice, stop strings, the ART settings to decode
+    with, the KV policy as (policy, ratio) (None: the engine's), sampling parameters and `n` choices.
+    `on_delta(delta)` (optional) receives each choice's progress as it is made (for streaming), `on_text(piece)`
+    choice 0's text only; setting `cancelled` stops the job at the next step (a client went away)."""
 
     prompt: list[int]
     max_tokens: int
@@ -192,76 +79,61 @@ class Job:
     on_text: Callable[[str], None] | None = None
     cancelled: bool = False
     kv: tuple[str, float] | None = None
+    sampling: SamplingParams = GREEDY
+    n: int = 1
+    on_delta: Callable[[Delta], None] | None = None
+
+    def emit(self, delta: Delta) -> None:
+        if self.on_delta is not None:
+            self.on_delta(delta)
+        if self.on_text is not None and delta.index == 0 and delta.text:
+            self.on_text(delta.text)
+
+
+@dataclass
+class Choice:
+    index: int
+    tokens: list[int]                 # generated ids, the one that ended it (eos, stop) included
+    text: str                         # decoded, cut before a stop string, without eos
+    finish_reason: str                # "stop" (eos or a stop string), "length" or "cancelled"
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
 class Completion:
-    tokens: list[int]                 # generated ids, the one that ended it (eos, stop) included
-    text: str                         # decoded, cut before a stop string, without eos
-    finish_reason: str                # "stop" (eos or a stop string), "length" or "cancelled"
+    choices: list[Choice]
     prompt_tokens: int
     art: ARTUsage
-    seconds: float = 0.0              # wall time of the batch it was decoded in
+    seconds: float = 0.0              # from the job's arrival to its last token
     # The KV policy applied, which can differ from the one asked for: {"policy": NAME, "ratio": FRACTION},
     # plus "requested" ({"policy", "ratio"}) and "reason" when the engine served the request otherwise (a
     # SnapKV-style press on a prompt shorter than its scoring window runs dense). HTTP responses carry it
     # next to `art`.
     kv: dict = field(default_factory=dict)
+    ttft_s: float | None = None       # arrival to the first token
+    tpot_s: float | None = None       # mean time per output token after the first (of choice 0)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.choices[0].tokens
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.tokens)
+        return sum(len(c.tokens) for c in self.choices)
 
-
-class _Row:
-    """One sequence of a decode batch: its tokens, text, stop check and streamed prefix."""
-
-    def __init__(self, job: Job, codec: Codec):
-        self.job, self.codec = job, codec
-        self.tokens: list[int] = []
-        self.text, self.sent, self.finish = "", 0, None
-
-    def push(self, token: int) -> bool:
-        """Take the next generated token; True once the row is finished (later tokens are ignored)."""
-        if self.finish is not None:
-            return True
-        if self.job.cancelled:
-            self.finish = "cancelled"
-            return True
-        self.tokens.append(token)
-        if token in self.codec.eos_ids:
-            return self._end("stop")
-        text = self.codec.decode(self.tokens)
-        cut = min((i for i in (text.find(s) for s in self.job.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = text[:cut]
-            return self._end("stop")
-        self.text = text
-        if len(self.tokens) >= self.job.max_tokens:
-            return self._end("length")
-        self._emit(self._stable_end(text))
-        return False
-
-    def _stable_end(self, text: str) -> int:
-        # Hold back what may still change: an unfinished UTF-8 character (decoded as U+FFFD) and a tail
-        # that could be the start of a stop string.
-        end = len(text.rstrip("\ufffd"))
-        for s in self.job.stop:
-            for k in range(min(len(s) - 1, end), 0, -1):
-                if text[:end].endswith(s[:k]):
-                    end -= k
-                    break
-        return end
-
-    def _end(self, reason: str) -> bool:
-        self.finish = reason
-        self._emit(len(self.text))
-        return True
-
-    def _emit(self, end: int) -> None:
-        if end > self.sent and self.job.on_text is not None:
-            self.job.on_text(self.text[self.sent:end])
-        self.sent = max(self.sent, end)
+    def timing(self) -> dict:
+        """Time to first token and per output token, as the HTTP usage reports them."""
+        return {"ttft_s": None if self.ttft_s is None else round(self.ttft_s, 6),
+                "tpot_s": None if self.tpot_s is None else round(self.tpot_s, 6),
+                "e2e_s": round(self.seconds, 6)}
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -286,29 +158,25 @@ class EngineConfig:
     max_context: int = 2048
     max_new_tokens: int = 256
     threads: int | None = None
+    # continuous (workers.serving.continuous.ContinuousEngine) or static (Engine.run's batches): see build_engine.
+    scheduler: str = "continuous"
+    # The continuous engine (workers.serving.continuous): KV pool positions (slots of max_context; default 8
+    # slots), prompt tokens prefilled per step, requests waiting for a slot before new ones are refused.
+    kv_cache_tokens: int | None = None
+    max_prefill_tokens: int = 256
+    max_queued: int = 64
+    # Sampling defaults (workers.serving.sampling.SamplingParams fields) for requests that leave them out.
+    sampling: dict = field(default_factory=dict)
     # Test-only fault injection (like workers.training.trial's _crash_at_step): a batch holding a job whose
     # prompt is exactly these token ids raises inside the ART session, as a failing model call would.
     # Never set by a serve spec (pipelines.serving.deploy builds the config without it).
     _fail_prompt: tuple[int, ...] | None = None
+    # Test-only: each continuous-engine step takes at least this long, so that a test can hold the pool full.
+    _step_delay_s: float = 0.0
 
     @property
     def served_name(self) -> str:
         return self.name or self.model
-
-
-def load_tokenizer(name: str | None, model_tokenizer=None):
-    """The tokenizer a replica uses (see EngineConfig.tokenizer)."""
-    if name is None and model_tokenizer is not None:
-        return model_tokenizer
-    if name is None or name == BYTES:
-        from workers.data.datasets import ByteTokenizer
-
-        return ByteTokenizer()
-    import transformers as tf
-
-    from workers.data.assets import resolve_model_path
-
-    return tf.AutoTokenizer.from_pretrained(resolve_model_path(name), local_files_only=True)
 
 
 def model_limits(cfg: EngineConfig) -> tuple[int, int]:
@@ -361,10 +229,15 @@ class Engine:
         if len(self.codec) > vocab:
             raise ValueError(f"the tokenizer has {len(self.codec)} tokens but the model's vocabulary only {vocab}")
         self.art_supported = art_supported(self.model)
+        self.counters = {"visited_blocks": 0, "candidate_blocks": 0}
         try:
             self.check_supported(self.art, (cfg.policy, cfg.policy_ratio))
         except RequestError as e:
             raise ValueError(f"{e.message} (the server's default {e.param})") from None
+
+    def load(self) -> dict:
+        """Counters for metrics: decode-attention blocks visited and candidate since the start."""
+        return dict(self.counters)
 
     def check_supported(self, art: ARTConfig, kv: tuple[str, float]) -> None:
         """RequestError unless this model can decode with `art` and the KV policy `kv`: ART and the KV
@@ -405,7 +278,27 @@ class Engine:
                                code="context_length_exceeded")
         return max_tokens if max_tokens is not None else min(cfg.max_new_tokens, room)
 
-    # -- decoding ----------------------------------------------------------------------------------
+    def sampler(self, job: Job, index: int) -> SequenceSampler:
+        return SequenceSampler(job.sampling, self.vocab_size, self.device, index)
+
+    def applied_kv(self, policy: str, ratio: float, prompt_tokens: int):
+        """(press or None, the KV policy as reported): a SnapKV-style press scores from a window of the last
+        prompt positions, so a prompt not longer than it keeps its whole KV, and the report says so."""
+        press = make_press(policy, ratio)
+        kv: dict[str, Any] = {"policy": policy, "ratio": float(ratio)}
+        window = getattr(press, "window_size", 0) if press is not None else 0
+        if press is not None and prompt_tokens <= window:
+            kv = {"policy": "dense", "ratio": 0.0, "requested": kv, "reason": f"the prompt ({prompt_tokens} tokens) "
+                  f"is not longer than {policy}'s {window}-position window"}
+            press = None
+        return press, kv
+
+    def inject_fault(self, prompts) -> None:
+        fail = self.cfg._fail_prompt
+        if fail is not None and any(list(p) == list(fail) for p in prompts):
+            raise RuntimeError(f"injected engine fault (EngineConfig._fail_prompt={list(fail)})")
+
+    # -- static batches ------------------------------------------------------------------------------
     def kv_of(self, job: Job) -> tuple[str, float]:
         return job.kv if job.kv is not None else (self.cfg.policy, self.cfg.policy_ratio)
 
@@ -424,6 +317,8 @@ class Engine:
         return list(out.values())
 
     def run(self, jobs: list[Job]) -> list[Completion]:
+        """Decode `jobs` as static batches (one per compatible group, each to its longest budget); one
+        `Completion` per job, in order."""
         for job in jobs:
             self.check_supported(job.art, self.kv_of(job))
         results: list[Completion | None] = [None] * len(jobs)
@@ -435,44 +330,82 @@ class Engine:
     @torch.no_grad()
     def _run_group(self, jobs: list[Job]) -> list[Completion]:
         start = time.perf_counter()
-        width = max(len(j.prompt) for j in jobs)
-        ids = torch.tensor([[self.codec.pad_id] * (width - len(j.prompt)) + j.prompt for j in jobs], device=self.device)
+        rows = [(job, i) for job in jobs for i in range(job.n)]   # each choice is a row of the batch
+        prompts = [job.prompt for job, _ in rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.codec.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = None
-        if any(len(j.prompt) != width for j in jobs):
-            mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=self.device)
+        if any(len(p) != width for p in prompts):
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         policy, ratio = self.kv_of(jobs[0])
-        press = make_press(policy, ratio)
-        kv: dict[str, Any] = {"policy": policy, "ratio": float(ratio)}
-        window = getattr(press, "window_size", 0) if press is not None else 0
-        if press is not None and width <= window:
-            # SnapKV-style presses score from a window of the last prompt positions: too short, so the
-            # prompt's KV stays whole; say so rather than report a policy that did not run.
-            press = None
-            kv = {"policy": "dense", "ratio": 0.0, "requested": kv,
-                  "reason": f"the prompt ({width} tokens) is not longer than {policy}'s {window}-position window"}
+        press, kv = self.applied_kv(policy, ratio, width)
+        streams = [TextStream(self.codec, job.max_tokens, job.stop) for job, _ in rows]
+        samplers = [self.sampler(job, i) for job, i in rows]
+        logprobs: list[list[TokenLogprobs] | None] = [[] if job.sampling.logprobs is not None else None
+                                                       for job, _ in rows]
+        first: list[float | None] = [None] * len(rows)   # when each row got its first and last token
+        last: list[float | None] = [None] * len(rows)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            tokens, lps = sample(logits, samplers)
+            for r, lp in enumerate(lps):
+                if lp is not None and logprobs[r] is not None and streams[r].finish is None:
+                    logprobs[r].append(lp)
+            return tokens[:, None]
+
+        def step(_i: int, token: torch.Tensor) -> bool:
+            now = time.perf_counter()
+            for r, t in enumerate(token[:, 0].tolist()):
+                job, index = rows[r]
+                stream = streams[r]
+                if stream.finish is not None:
+                    continue
+                first[r] = first[r] if first[r] is not None else now
+                if job.cancelled:
+                    piece = stream.end("cancelled")
+                else:
+                    piece = stream.push(t)
+                    samplers[r].record(t)
+                job.emit(Delta(index, piece, [t] if stream.finish != "cancelled" else [],
+                               logprobs[r][-1:] if logprobs[r] else None, stream.finish))
+                if stream.finish is not None:
+                    last[r] = now
+            return all(s.finish is not None for s in streams)
+
         with press(self.model) if press is not None else nullcontext():   # the policy shapes the prompt's KV
-            state = prefill(self.model, ids, mask)
-        rows = [_Row(j, self.codec) for j in jobs]
+            state = prefill(self.model, ids, mask, pick=pick)
         quest = policy == "quest" and ratio > 0
         art = jobs[0].art
         # A model ART cannot drive decodes plainly (check_supported has refused ART and policies for it).
         session = (enable_art(self.model, art, "quest" if quest else "dense", ratio if quest else 0.0,
                               impl=self.cfg.impl) if self.art_supported else nullcontext())
         with session:
-            fail = self.cfg._fail_prompt
-            if fail is not None and any(list(j.prompt) == list(fail) for j in jobs):
-                raise RuntimeError(f"injected engine fault (EngineConfig._fail_prompt={list(fail)})")
-
-            def step(_i: int, token: torch.Tensor) -> bool:
-                return all([row.push(t) for row, t in zip(rows, token[:, 0].tolist())])
-
+            self.inject_fault(prompts)
             budget = max(j.max_tokens for j in jobs)
-            decode = not step(-1, state.next_token) and budget > 1
-            decoded = greedy_decode(self.model, state, budget, on_step=step) if decode else None
+            more = not step(-1, state.next_token) and budget > 1
+            decoded = decode(self.model, state, budget, on_step=step, pick=pick) if more else None
             stats = session.stats() if self.art_supported else None
+        end = time.perf_counter()
+        for r, stream in enumerate(streams):   # rows the batch's last step left unfinished
+            if stream.finish is None:
+                job, index = rows[r]
+                job.emit(Delta(index, stream.end("length"), [], None, "length"))
+                last[r] = end
         steps = stats.decode_steps if stats else (len(decoded.step_seconds) if decoded else 0)
+        if stats:
+            self.counters["visited_blocks"] += stats.visited_blocks
+            self.counters["candidate_blocks"] += stats.candidate_blocks
         usage = ARTUsage(art.mode if art.active else "off", stats.visited_blocks if stats else 0,
-                         stats.candidate_blocks if stats else 0, steps, len(jobs))
-        seconds = time.perf_counter() - start
-        return [Completion(r.tokens, r.text, r.finish or "length", len(r.job.prompt), usage, seconds, dict(kv))
-                for r in rows]
+                         stats.candidate_blocks if stats else 0, steps, len(rows))
+        out, r = [], 0
+        for job in jobs:
+            mine = range(r, r + job.n)
+            r += job.n
+            choices = [Choice(i, streams[k].tokens, streams[k].text, streams[k].finish, logprobs[k])
+                       for i, k in enumerate(mine)]
+            k0, n0 = mine[0], len(choices[0].tokens)
+            ttft = first[k0] - start if first[k0] is not None else None
+            tpot = (last[k0] - first[k0]) / (n0 - 1) if n0 > 1 and first[k0] is not None else None
+            out.append(Completion(choices, len(job.prompt), usage, max(last[k] for k in mine) - start, dict(kv),
+                                  ttft, tpot))
+        return out

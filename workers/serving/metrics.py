@@ -27,7 +27,7 @@ class MetricsReporter:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.tracking_uri, self.run_id, self.interval_s, self.replica_id = tracking_uri, run_id, interval_s, replica_id
         self.totals = {"requests": 0, "errors": 0, "output_tokens": 0}
-        self._window: list[tuple[int, float, float]] = []   # (tokens, seconds, skipped) per completion
+        self._window: list[tuple] = []   # (tokens, seconds, skipped, ttft or None, tpot or None) per completion
         self._since = time.monotonic()
         self._step = 0
         self._lock = threading.RLock()   # report() holds it around snapshot()
@@ -41,10 +41,11 @@ class MetricsReporter:
             self.totals["requests"] += 1
             self.totals["errors"] += status >= 400
 
-    def completion(self, tokens: int, seconds: float, skipped: float) -> None:
+    def completion(self, tokens: int, seconds: float, skipped: float, ttft: float | None = None,
+                   tpot: float | None = None) -> None:
         with self._lock:
             self.totals["output_tokens"] += tokens
-            self._window.append((tokens, seconds, skipped))
+            self._window.append((tokens, seconds, skipped, ttft, tpot))
 
     # -- reporting ---------------------------------------------------------------------------------
     def start(self) -> MetricsReporter:
@@ -68,14 +69,19 @@ class MetricsReporter:
         with self._lock:
             out = {k: float(v) for k, v in self.totals.items()}
             window, elapsed = list(self._window), time.monotonic() - self._since
-        tokens = sum(t for t, _, _ in window)
+        tokens = sum(w[0] for w in window)
         out["output_tokens_per_s"] = tokens / elapsed if elapsed > 0 else 0.0
         out["requests_per_s"] = len(window) / elapsed if elapsed > 0 else 0.0
         if window:   # latency and skipped fraction only mean something over some requests
-            seconds = np.array([s for _, s, _ in window])
+            seconds = np.array([w[1] for w in window])
             out["latency_p50_s"] = float(np.percentile(seconds, 50))
             out["latency_p99_s"] = float(np.percentile(seconds, 99))
-            out["skipped_fraction"] = float(np.mean([k for _, _, k in window]))
+            out["skipped_fraction"] = float(np.mean([w[2] for w in window]))
+            for name, i in (("ttft", 3), ("tpot", 4)):
+                values = [w[i] for w in window if w[i] is not None]
+                if values:
+                    out[f"{name}_p50_s"] = float(np.percentile(values, 50))
+                    out[f"{name}_p99_s"] = float(np.percentile(values, 99))
         return out
 
     def report(self) -> bool:

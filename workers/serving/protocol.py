@@ -1,27 +1,34 @@
-"""OpenAI-shaped requests, responses and errors for the serving replica (the subset sparta serves:
-greedy completions and chat completions, streamed or not)."""
+"""OpenAI-shaped requests, responses and errors for the serving replica: completions and chat completions,
+streamed or not, with OpenAI's sampling parameters, `n` choices and logprobs."""
 from __future__ import annotations
 
 import json
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MAX_STOP = 4
+MAX_N = 16
+# OpenAI parameters this server does not implement: named in a 400 rather than listed as unknown.
+UNSUPPORTED = ("best_of", "echo", "suffix", "logit_bias", "tools", "tool_choice", "functions", "function_call",
+               "response_format", "parallel_tool_calls", "modalities", "audio", "prediction", "store", "metadata",
+               "reasoning_effort", "service_tier", "web_search_options", "min_tokens", "repetition_penalty")
 
 
 class ApiError(Exception):
     """An error answered as OpenAI does: HTTP `status` and {"error": {message, type, param, code}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error"}
+             413: "invalid_request_error", 422: "invalid_request_error", 503: "server_overloaded"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
@@ -29,14 +36,6 @@ class ApiError(Exception):
 
 
 # -- requests --------------------------------------------------------------------------------------
-def _greedy(name: str, neutral: float):
-    def check(v):
-        if v is not None and v != neutral:
-            raise ValueError(f"only greedy decoding is served: {name} must be {neutral:g} or omitted, got {v!r}")
-        return v
-    return check
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
@@ -51,22 +50,24 @@ class _Request(BaseModel):
     stop: Any = Field(None, validate_default=True)   # -> a tuple of strings
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # sampling (None: the deployment's default); ranges are checked by workers.serving.sampling.SamplingParams
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = None
+    top_k: int | None = None         # vLLM's extra: 0 = off
+    seed: int | None = None          # the same seed gives the same text, whatever else is being decoded
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None          # accepted and ignored: greedy decoding is deterministic
+    n: int = Field(1, ge=1, le=MAX_N)
     user: str | None = None
     art: Any = None                  # ART overrides: preset[+field=value...], "off" or {field: value}
     kv: Any = None                   # KV policy override: {"policy": NAME, "ratio": FRACTION}
     return_token_ids: bool = False   # vLLM's extension: the generated (and prompt) token ids
 
-    _temperature = field_validator("temperature")(_greedy("temperature", 0.0))
-    _top_p = field_validator("top_p")(_greedy("top_p", 1.0))
-    _n = field_validator("n")(_greedy("n", 1))
-    _presence = field_validator("presence_penalty")(_greedy("presence_penalty", 0.0))
-    _frequency = field_validator("frequency_penalty")(_greedy("frequency_penalty", 0.0))
+    def sampling(self) -> dict[str, Any]:
+        """The sampling fields as SamplingParams takes them (None: left out)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logprobs": self.top_logprob_count}
 
     @field_validator("stop")
     @classmethod
@@ -78,17 +79,14 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
         return tuple(stops)
 
-    @field_validator("logprobs", check_fields=False)   # each request type declares its own logprobs field
-    @classmethod
-    def _logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not served")
-        return v
-
 
 class CompletionRequest(_Request):
     prompt: Any
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)   # the chosen token's logprob and this many alternatives
+
+    @property
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -123,6 +121,18 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @property
+    def top_logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_budget(self) -> int | None:
@@ -150,6 +160,9 @@ def parse_request(raw: bytes, cls: type[_Request]) -> _Request:
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    unsupported = next((k for k in UNSUPPORTED if k in data), None)
+    if unsupported is not None:
+        raise ApiError(400, f"{unsupported!r} is not supported by this server", unsupported, "unsupported_parameter")
     try:
         return cls.model_validate(data)
     except ValidationError as e:
@@ -173,42 +186,78 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, done=None) -> dict:
+    """OpenAI's usage, plus (given the Completion) this request's own decode-attention work (`art`: KV
+    blocks visited and candidate, summed over its rows' layers, KV heads and steps) and its timing
+    (`ttft_s` arrival to first token, `tpot_s` per output token after it, `e2e_s`)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if done is not None:
+        art = done.art.to_dict()
+        out["art"] = {k: art[k] for k in ("visited_blocks", "candidate_blocks", "skipped_fraction", "decode_steps")}
+        out.update(done.timing())
+    return out
 
 
-def completion_body(rid: str, model: str, done, replica: str, token_ids: list[int] | None = None,
-                    chat: bool = False) -> dict:
-    """A whole (non-streamed) response for a workers.serving.engine.Completion. Beyond OpenAI's fields:
-    `art` (the decode batch's ARTUsage), `kv` (the KV policy applied: {policy, ratio}, plus requested and
-    reason when it differs from the one asked for, see Completion.kv) and `replica`; a stream's last
-    chunk carries the same three."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
+TokenText = Callable[[int], str]
+
+
+def logprobs_body(entries, token_text: TokenText, chat: bool, offset: int = 0) -> dict | None:
+    """A choice's `logprobs` as OpenAI shapes them: chat `{"content": [{token, logprob, bytes, top_logprobs}]}`,
+    completions `{tokens, token_logprobs, top_logprobs, text_offset}` (offsets from `offset` in the text)."""
+    if entries is None:
+        return None
     if chat:
-        choice["message"] = {"role": "assistant", "content": done.text}
-    else:
-        choice["text"] = done.text
-    if token_ids is not None:
-        choice["token_ids"] = list(done.tokens)
+        def item(token: int, logprob: float) -> dict:
+            text = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
+    tokens = [token_text(e.token) for e in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+
+
+def completion_body(rid: str, model: str, done, replica: str, token_text: TokenText,
+                    prompt_ids: list[int] | None = None, chat: bool = False) -> dict:
+    """A whole (non-streamed) response for a workers.serving.engine.Completion, one entry per choice. Beyond
+    OpenAI's fields: `art` (the request's ARTUsage), `kv` (the KV policy applied: {policy, ratio}, plus
+    requested and reason when it differs from the one asked for, see Completion.kv) and `replica`; a
+    stream's last chunk carries the same three. With `prompt_ids` (vLLM's return_token_ids), the prompt's
+    and each choice's token ids."""
+    choices = []
+    for c in done.choices:
+        choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
+                                  "logprobs": logprobs_body(c.logprobs, token_text, chat)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
+        if prompt_ids is not None:
+            choice["token_ids"] = list(c.tokens)
+        choices.append(choice)
     body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage(done.prompt_tokens, done.completion_tokens),
+            "model": model, "choices": choices, "usage": usage(done.prompt_tokens, done.completion_tokens, done),
             "art": done.art.to_dict(), "kv": done.kv, "replica": replica}
-    if token_ids is not None:
-        body["prompt_token_ids"] = token_ids
+    if prompt_ids is not None:
+        body["prompt_token_ids"] = prompt_ids
     return body
 
 
 def chunk(rid: str, model: str, chat: bool, text: str | None = None, finish: str | None = None,
-          role: bool = False, **extra) -> str:
-    """One server-sent event of a streamed response."""
+          role: bool = False, index: int = 0, logprobs: dict | None = None, **extra) -> str:
+    """One server-sent event of a streamed response (for choice `index`)."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
     body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], **extra}
     return sse(body)

@@ -1,8 +1,10 @@
-"""The Ray Serve replica: a thin FastAPI ingress (OpenAI-style HTTP) around a `workers.serving.engine.Engine`.
+"""The Ray Serve replica: a thin FastAPI ingress (OpenAI-style HTTP) around a serving engine.
 
-Concurrent requests are gathered by `@serve.batch` and decoded together (`Engine.run` groups them by
-compatible settings); the model runs in a worker thread so the replica keeps answering (health checks,
-streamed tokens) while it decodes. pipelines.serving.deploy builds and deploys it; nothing here imports pipelines.
+With the continuous scheduler (the default) requests go straight to `workers.serving.continuous.ContinuousEngine`,
+whose thread admits them into the running decode batch; with the static one, `@serve.batch` gathers them and
+`Engine.run` decodes each batch to its end in a worker thread. Either way the event loop keeps answering
+(health checks, metrics, streamed tokens) while the model runs. pipelines.serving.deploy builds and deploys
+it; nothing here imports pipelines.
 """
 # No `from __future__ import annotations`: FastAPI resolves the handlers' annotations at runtime.
 import asyncio
@@ -14,14 +16,18 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException   # what routing raises (FastAPI's is a subclass)
 
 from workers.serving import protocol as api
-from workers.serving.engine import Completion, Engine, EngineConfig, Job, RequestError, art_config, kv_config
+from workers.serving.continuous import ContinuousEngine, Overloaded, build_engine
+from workers.serving.engine import Completion, EngineConfig, Job
 from workers.serving.metrics import MetricsReporter
+from workers.serving.prometheus import CONTENT_TYPE_LATEST, ServingMetrics
+from workers.serving.requests import RequestError, art_config, kv_config
+from workers.serving.sampling import SamplingParams, sampling_params
 
 app = FastAPI(title="sparta serve", docs_url=None, redoc_url=None)
 _END = object()   # end of a streamed job's text
@@ -38,7 +44,7 @@ def _internal_error(what: str, exc: BaseException) -> api.ApiError:
 
 @app.exception_handler(api.ApiError)
 async def _api_error(request: Request, exc: api.ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(HTTPException)
@@ -76,13 +82,16 @@ def _metrics() -> dict:
 @serve.deployment(name="SpartaReplica")
 @serve.ingress(app)
 class Replica:
-    """One model per replica (loaded once, offline). `config`: workers.serving.engine.EngineConfig fields;
-    `api_key`: when set, /v1 routes need `Authorization: Bearer <key>`; `metrics`: {tracking_uri, run_id,
-    interval_s} of the deployment's MLflow run (workers.serving.metrics), None: no MLflow reports."""
+    """One model per replica (loaded once, offline). `config`: workers.serving.engine.EngineConfig fields
+    (`scheduler`: continuous or static); `api_key`: when set, /v1 routes need `Authorization: Bearer <key>`;
+    `max_batch_size`, `batch_wait_timeout_s`: the static scheduler's `@serve.batch`; `metrics`: {tracking_uri,
+    run_id, interval_s} of the deployment's MLflow run (workers.serving.metrics), None: no MLflow reports."""
 
     def __init__(self, config: dict, api_key: str | None = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, metrics: dict | None = None):
-        self.engine = Engine(EngineConfig(**config))
+        self.engine = build_engine(EngineConfig(**config))
+        self.continuous = isinstance(self.engine, ContinuousEngine)
+        self.defaults = SamplingParams(**self.engine.cfg.sampling)
         self.name = self.engine.cfg.served_name
         self.api_key = api_key
         self._generate.set_max_batch_size(max_batch_size)
@@ -92,6 +101,7 @@ class Replica:
         except Exception:   # constructed outside Serve
             self.replica_id = "local"
         self.metrics = _metrics()
+        self.prometheus = ServingMetrics(self.name, self.replica_id, self.engine.load)
         self.counts = {"requests": 0, "errors": 0, "output_tokens": 0}
         self.started = time.time()
         self.reporter = MetricsReporter(**metrics, replica_id=self.replica_id).start() if metrics else None
@@ -99,8 +109,10 @@ class Replica:
     def __del__(self):   # Serve calls it on a graceful shutdown: the last report
         if getattr(self, "reporter", None) is not None:
             self.reporter.stop()
+        if getattr(self, "continuous", False):
+            self.engine.close()
 
-    # -- batching ----------------------------------------------------------------------------------
+    # -- the static scheduler's batching -------------------------------------------------------------
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _generate(self, jobs: list[Job]) -> list[Completion]:
         return await asyncio.to_thread(self.engine.run, jobs)
@@ -109,8 +121,12 @@ class Replica:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.name, "replica": self.replica_id, "pid": os.getpid(),
-                "dtype": self.engine.dtype, "device": str(self.engine.device),
-                "uptime_s": round(time.time() - self.started, 1), **self.counts}
+                "dtype": self.engine.dtype, "device": str(self.engine.device), "scheduler": self.engine.cfg.scheduler,
+                "uptime_s": round(time.time() - self.started, 1), **self.counts, **self.engine.load()}
+
+    @app.get("/metrics")
+    async def prometheus_metrics(self) -> Response:
+        return Response(self.prometheus.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -145,6 +161,7 @@ class Replica:
         art = art_config(req.art, self.engine.art)
         kv = kv_config(req.kv, (self.engine.cfg.policy, self.engine.cfg.policy_ratio))
         self.engine.check_supported(art, kv)
+        sampling = sampling_params(req.sampling(), self.defaults)
         if chat:
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
             prompt = self.engine.check_prompt_ids(self.engine.codec.chat(messages), "messages")
@@ -153,70 +170,103 @@ class Replica:
             ids = self.engine.codec.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
             prompt = self.engine.check_prompt_ids(ids, "prompt")
             budget = self.engine.max_tokens_for(len(prompt), req.max_tokens, "prompt")
-        return Job(prompt, budget, req.stop, art, kv=kv), prompt
+        return Job(prompt, budget, req.stop, art, kv=kv, sampling=sampling, n=req.n), prompt
+
+    def _start(self, job: Job):
+        """The job's completion to await: queued in the continuous engine now (Overloaded or RequestError if
+        it cannot be), or handed to the static scheduler's batching."""
+        if self.continuous:
+            return asyncio.wrap_future(self.engine.submit(job))
+        return self._generate(job)
 
     async def _serve(self, request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
-        start = time.perf_counter()
         try:
             self._authorize(request)
             req = api.parse_request(await request.body(), api.ChatRequest if chat else api.CompletionRequest)
             try:
                 job, prompt = self._job(req, chat)
+                rid = api.new_id("chatcmpl" if chat else "cmpl")
+                ids = prompt if req.return_token_ids else None
+                if req.stream:
+                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                    queue = self._subscribe(job)
+                    pending = self._start(job)
+                    return StreamingResponse(self._stream(job, pending, queue, rid, chat, include_usage, ids, endpoint),
+                                             media_type="text/event-stream", headers={"x-sparta-replica": self.replica_id})
+                pending = self._start(job)
+            except Overloaded as e:
+                raise api.ApiError(503, e.message, code=e.code, headers={"Retry-After": str(e.retry_after_s)}) from None
             except RequestError as e:
                 raise api.ApiError(e.status, e.message, e.param, e.code) from None
         except api.ApiError as e:
             self._count(endpoint, e.status)
-            return JSONResponse(e.body(), status_code=e.status, headers={"x-sparta-replica": self.replica_id})
+            return JSONResponse(e.body(), status_code=e.status, headers={"x-sparta-replica": self.replica_id, **e.headers})
         except Exception as e:   # a bug reading the request: counted, the details only in the log
             return self._failed(endpoint, e)
-        rid = api.new_id("chatcmpl" if chat else "cmpl")
-        ids = prompt if req.return_token_ids else None
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(job, rid, chat, include_usage, ids, start, endpoint),
-                                     media_type="text/event-stream", headers={"x-sparta-replica": self.replica_id})
         try:
-            done = await self._generate(job)
-        except Exception as e:   # the batch failed (every request in it gets a 500 of its own)
+            done = await pending
+        except asyncio.CancelledError:   # the client went away: its rows stop at the next step
+            job.cancelled = True
+            raise
+        except Exception as e:   # the batch or step failed (every request in it gets a 500 of its own)
             return self._failed(endpoint, e)
-        self._record(endpoint, done, start)
-        return JSONResponse(api.completion_body(rid, self.name, done, self.replica_id, ids, chat),
+        self._record(endpoint, done)
+        return JSONResponse(api.completion_body(rid, self.name, done, self.replica_id, self._token_text, ids, chat),
                             headers={"x-sparta-replica": self.replica_id})
 
-    async def _stream(self, job: Job, rid: str, chat: bool, include_usage: bool, ids: list[int] | None,
-                      start: float, endpoint: str) -> AsyncIterator[str]:
+    def _token_text(self, token: int) -> str:
+        return self.engine.codec.decode([token])
+
+    @staticmethod
+    def _subscribe(job: Job) -> asyncio.Queue:
+        """A queue the engine's thread feeds with the job's deltas, in order, through the event loop."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        # The engine calls on_text from its worker thread; the loop delivers pieces in order, and the
-        # batch's result (hence _END) only after them.
-        job.on_text = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
-        task = asyncio.ensure_future(self._generate(job))
+        job.on_delta = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
+        return queue
+
+    async def _stream(self, job: Job, pending, queue: asyncio.Queue, rid: str, chat: bool, include_usage: bool,
+                      ids: list[int] | None, endpoint: str) -> AsyncIterator[str]:
+        task = asyncio.ensure_future(pending)
+        # the result comes after the deltas: the engine posts each delta before it resolves the job
         task.add_done_callback(lambda _: queue.put_nowait(_END))
+        offsets = [0] * job.n   # where each choice's next token starts in its text (completions' text_offset)
         try:
             if chat:
-                yield api.chunk(rid, self.name, chat, role=True)
-            while (piece := await queue.get()) is not _END:
-                yield api.chunk(rid, self.name, chat, text=piece)
+                for index in range(job.n):
+                    yield api.chunk(rid, self.name, chat, role=True, index=index)
+            while (delta := await queue.get()) is not _END:
+                if not delta.text and not delta.logprobs:
+                    continue
+                logprobs = api.logprobs_body(delta.logprobs, self._token_text, chat, offsets[delta.index])
+                if logprobs and not chat:
+                    offsets[delta.index] += sum(len(t) for t in logprobs["tokens"])
+                yield api.chunk(rid, self.name, chat, text=delta.text, index=delta.index, logprobs=logprobs)
             try:
                 done = task.result()
-            except Exception as e:   # the batch failed: tell the client in-band, the status line is sent
+            except Exception as e:   # the step failed: tell the client in-band, the status line is sent
                 self._count(endpoint, 500)
                 yield api.sse(_internal_error(f"{endpoint} (streamed) {rid}", e).body())
                 yield api.sse("[DONE]")
                 return
-            extra = {"art": done.art.to_dict(), "kv": done.kv, "replica": self.replica_id}   # see api.completion_body
-            if ids is not None:
-                extra.update(prompt_token_ids=ids, token_ids=list(done.tokens))
-            yield api.chunk(rid, self.name, chat, finish=done.finish_reason, **extra)
+            for c in done.choices:   # each choice's end; the last carries the request's art, kv and replica
+                extra = {}
+                if c is done.choices[-1]:
+                    extra = {"art": done.art.to_dict(), "kv": done.kv, "replica": self.replica_id}   # see api.completion_body
+                    if ids is not None:
+                        extra.update(prompt_token_ids=ids)
+                if ids is not None:
+                    extra["token_ids"] = list(c.tokens)
+                yield api.chunk(rid, self.name, chat, finish=c.finish_reason, index=c.index, **extra)
             if include_usage:
                 yield api.sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                "created": int(time.time()), "model": self.name, "choices": [],
-                               "usage": api.usage(done.prompt_tokens, done.completion_tokens)})
+                               "usage": api.usage(done.prompt_tokens, done.completion_tokens, done)})
             yield api.sse("[DONE]")
-            self._record(endpoint, done, start)
+            self._record(endpoint, done)
         finally:
-            job.cancelled = True   # a client that went away stops its row at the next step
+            job.cancelled = True   # a client that went away stops its rows at the next step
 
     def _failed(self, endpoint: str, exc: Exception) -> JSONResponse:
         """An unexpected failure of a request: logged with its traceback, counted, a generic 500."""
@@ -226,21 +276,23 @@ class Replica:
 
     def _count(self, endpoint: str, status: int) -> None:
         self.metrics["requests"].inc(1, tags={"endpoint": endpoint, "status": str(status)})
+        self.prometheus.request(endpoint, status)
         self.counts["requests"] += 1
         if status >= 400:
             self.counts["errors"] += 1
         if self.reporter is not None:
             self.reporter.request(status)
 
-    def _record(self, endpoint: str, done: Completion, start: float) -> None:
-        seconds = time.perf_counter() - start
+    def _record(self, endpoint: str, done: Completion) -> None:
         tags = {"endpoint": endpoint}
         self._count(endpoint, 200)
+        self.prometheus.completion(endpoint, done)
         self.counts["output_tokens"] += done.completion_tokens
         if self.reporter is not None:
-            self.reporter.completion(done.completion_tokens, seconds, done.art.skipped_fraction)
+            self.reporter.completion(done.completion_tokens, done.seconds, done.art.skipped_fraction,
+                                     done.ttft_s, done.tpot_s)
         self.metrics["tokens"].inc(done.completion_tokens, tags=tags)
-        self.metrics["latency"].observe(seconds, tags=tags)
-        if seconds > 0:
-            self.metrics["tokens_per_s"].observe(done.completion_tokens / seconds, tags=tags)
+        self.metrics["latency"].observe(done.seconds, tags=tags)
+        if done.seconds > 0:
+            self.metrics["tokens_per_s"].observe(done.completion_tokens / done.seconds, tags=tags)
         self.metrics["skipped"].observe(done.art.skipped_fraction, tags=tags)

@@ -1,10 +1,15 @@
 """The Triton ART kernel against the reference (on CPU under the Triton interpreter, which
 tests/conftest.py switches on when there is no GPU)."""
+import warnings
+from unittest.mock import patch
+
 import pytest
 import torch
 
 from attention import ARTConfig
 from attention.reference import decode_attention
+from attention.kernels import dispatch, triton_decode
+from attention.kernels.dispatch import resolve
 from attention.kernels.triton_decode import decode_attention_triton
 
 from tests.attention.test_reference import exact, inputs, ragged
@@ -40,10 +45,34 @@ def test_splits_combine_exactly_when_nothing_stops(splits):
     assert torch.equal(stats.visited_blocks, stats.candidate_blocks)
 
 
-def test_block_size_must_suit_the_kernel():
-    q, k, v = inputs(t=100)
-    with pytest.raises(ValueError, match="power-of-two block_size >= 16"):
-        decode_attention_triton(q, k, v, ARTConfig(block_size=24))
+@pytest.mark.parametrize("block_size,max_chunk,chunks", [(8, 64, 1), (24, 64, 1), (48, 16, 3), (100, 32, 4)])
+def test_any_block_size_is_padded_and_masked_in_the_kernel(block_size, max_chunk, chunks):
+    """Blocks that are not a power of two >= 16 are padded (and, past max_chunk, walked in chunks)."""
+    q, k, v = inputs(t=300, d=32, peaked=True, seed=5)
+    lengths, _ = ragged(3, 300)
+    cfg = ARTConfig(tau=1e-3, phi=1e-2, patience=2, min_blocks=1, block_size=block_size)
+    want, ref = decode_attention(q, k, v, cfg, lengths=lengths)
+    with patch.object(triton_decode, "MAX_CHUNK", max_chunk):
+        assert triton_decode._chunking(block_size)["N_CHUNKS"] == chunks
+        got, stats = decode_attention_triton(q, k, v, cfg, lengths=lengths)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+    assert torch.equal(stats.visited_mask, ref.visited_mask)
+    assert torch.equal(stats.stop_reason, ref.stop_reason)
+
+
+def test_resolve_on_cuda_takes_triton_for_any_block_size(monkeypatch):
+    cuda = torch.device("cuda")
+    assert all(resolve("auto", cuda, bs) == "triton" for bs in (8, 24, 64, 1000))
+    dispatch._triton_ok.cache_clear()
+    monkeypatch.setattr(triton_decode, "triton", None)
+    try:
+        with pytest.warns(UserWarning, match="Triton is not installed"):
+            assert resolve("auto", cuda, 64) == "reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # said once, not at every layer of every step
+            assert resolve("auto", cuda, 32) == "reference"
+    finally:
+        dispatch._triton_ok.cache_clear()
 
 
 @pytest.mark.parametrize("mode", ["stability", "certified"])

@@ -61,7 +61,14 @@ BAD = [  # spec changes, the field path named, what its message must say
     ({"replicas": {"min": 1, "max": 2, "target": 4}}, "replicas.target",
      "unknown field 'target'; valid fields: min, max, target_ongoing_requests"),
     ({"batching": {"max_batch_size": 0}}, "batching.max_batch_size", "greater than or equal to 1"),
-    ({"batching": {"max_batch_size": 64}}, "max_ongoing_requests", "must be >= batching.max_batch_size (64)"),
+    ({"batching": {"max_batch_size": 64}, "scheduler": {"kind": "static"}}, "max_ongoing_requests",
+     "must be >= batching.max_batch_size (64)"),
+    ({"scheduler": {"kind": "paged"}}, "scheduler.kind", "'continuous' or 'static'"),
+    ({"scheduler": {"kv_cache_tokens": 64}}, "scheduler.kv_cache_tokens", "holds no slot of max_context (128)"),
+    ({"scheduler": {"max_prefill_tokens": 8}}, "scheduler.max_prefill_tokens", "greater than or equal to 16"),
+    ({"scheduler": {"max_queue": 8}}, "scheduler.max_queue", "unknown field 'max_queue'; valid fields: kind"),
+    ({"sampling": {"temperature": 3.0}}, "sampling.temperature", "less than or equal to 2"),
+    ({"sampling": {"top_p": 0.0}}, "sampling.top_p", "greater than 0"),
     ({"port": 70000}, "port", "less than or equal to 65535"),
     ({"max_tokens": 5}, "max_tokens", "unknown field 'max_tokens'; valid fields: model, name, route_prefix"),
     ({"max_context": 512}, "max_context", "exceeds the model's 128 positions"),
@@ -104,7 +111,7 @@ def test_load_errors_name_the_file(tmp_path):
 def test_art_off_in_yaml_text_means_art_off(tmp_path):
     """YAML 1.1 reads a bare off / no / false as the boolean False: in a spec that is ART off; a bare
     true / on / yes names no setting and is refused with the choices."""
-    from workers.serving.engine import OFF
+    from workers.serving.requests import OFF
 
     path = tmp_path / "s.yaml"
     for word in ("off", "false", "no", "Off", '"off"'):
@@ -145,6 +152,14 @@ def test_replica_settings_and_deployment_options():
     assert opts["ray_actor_options"]["runtime_env"]["env_vars"]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     fixed = sv.deployment_options(ServeSpec.model_validate({**TINY, "replicas": 2, "device": "cuda"}))
     assert fixed["num_replicas"] == 2 and fixed["ray_actor_options"]["num_gpus"] == 1
+    # the scheduler: continuous by default, its pool in slots of max_context, OpenAI's sampling defaults
+    assert cfg["scheduler"] == "continuous" and cfg["kv_cache_tokens"] == 8 * spec.max_context == spec.kv_slots * 128
+    assert cfg["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    assert opts["max_ongoing_requests"] == 8 + 64 + 1   # slots + max_queued + 1: a full replica answers 503 itself
+    static = ServeSpec.model_validate({**TINY, "scheduler": {"kind": "static"}, "sampling": {"temperature": 0.0}})
+    scfg = sv.engine_config(static, sv.resolve_model(static))
+    assert scfg["scheduler"] == "static" and scfg["sampling"]["temperature"] == 0.0
+    assert sv.deployment_options(static)["max_ongoing_requests"] == 32
     assert sv.engine_config(ServeSpec.model_validate(TINY), sv.resolve_model(ServeSpec.model_validate(TINY)))["art"] is None
 
 

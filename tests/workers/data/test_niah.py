@@ -4,7 +4,7 @@ import pytest
 
 from workers.data import haystack
 from workers.data.datasets import ByteTokenizer
-from workers.serving.engine import load_tokenizer
+from workers.serving.codec import load_tokenizer
 from workers.data.niah import NEEDLE, VARIANTS, build_case, build_cases, found_values, score
 
 

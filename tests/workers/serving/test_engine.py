@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from attention import ARTConfig
-from workers.serving.engine import OFF, Engine, EngineConfig, Job, RequestError, art_config, kv_config
+from workers.serving.engine import Engine, EngineConfig, Job
+from workers.serving.requests import OFF, RequestError, art_config, kv_config
 
 TINY = dict(model="random:llama-tiny", tokenizer="smollm2-135m", dtype="float32", device="cpu",
             model_overrides={"vocab_size": 49152, "max_position_embeddings": 512}, max_context=512,

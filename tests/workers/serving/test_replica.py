@@ -1,12 +1,14 @@
 """The Serve replica over real HTTP: a tiny random Llama (SmolLM2's tokenizer and chat template) deployed
-with 2 replicas on a local Ray and Serve bound to 127.0.0.1. Expected tokens come from the same model
-loaded here and transformers' `generate`."""
+with 2 replicas (continuous scheduler, greedy by default) on a local Ray and Serve bound to 127.0.0.1, and a
+one-replica app with 2 KV slots whose steps take 50 ms (to hold its pool full). Expected tokens come from
+the same model loaded here and transformers' `generate`."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +26,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 CONFIG = dict(model="random:llama-tiny", name="tiny", tokenizer="smollm2-135m", dtype="float32", device="cpu",
               model_overrides={"vocab_size": 49152, "max_position_embeddings": 512}, max_context=256,
               max_new_tokens=24, art=ARTConfig.preset("tuned", block_size=16).to_dict(), threads=1,
-              _fail_prompt=(5, 6, 7, 8, 9))   # test-only: a batch holding exactly this prompt raises in the engine
+              sampling={"temperature": 0.0},   # this deployment decodes greedily unless a request says otherwise
+              _fail_prompt=(5, 6, 7, 8, 9))   # test-only: a step holding exactly this prompt raises in the engine
+# One replica, 2 KV slots, 1 waiting request at most, 50 ms per step: long requests hold it full.
+SMALL = dict(CONFIG, name="small", kv_cache_tokens=2 * 256, max_queued=1, max_new_tokens=24, _step_delay_s=0.05,
+             _fail_prompt=None)
 LAYERS, KV_HEADS = 2, 2
 ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -49,6 +55,9 @@ def url():
     app = Replica.options(num_replicas=2, max_ongoing_requests=16, health_check_timeout_s=120,
                           ray_actor_options={"num_cpus": 0.5}).bind(CONFIG, KEY, 4, 0.05)
     serve.run(app, name="tiny-test", route_prefix="/")
+    small = Replica.options(name="SmallReplica", num_replicas=1, max_ongoing_requests=32, health_check_timeout_s=120,
+                            ray_actor_options={"num_cpus": 0.5}).bind(SMALL, KEY)
+    serve.run(small, name="small-test", route_prefix="/small")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -73,10 +82,10 @@ def token_prompt(n: int, seed: int) -> list[int]:
     return torch.randint(10, 40000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def post(url: str, path: str, body, headers=AUTH, **kw) -> httpx.Response:
+def post(url: str, path: str, body, headers=AUTH, timeout: float = 120, **kw) -> httpx.Response:
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return httpx.post(url + path, content=content, headers={"Content-Type": "application/json", **headers},
-                      timeout=120, **kw)
+                      timeout=timeout, **kw)
 
 
 def events(url: str, path: str, body: dict) -> list:
@@ -117,7 +126,12 @@ def test_greedy_with_art_off_equals_generate(url, ref):
     [choice] = body["choices"]
     assert choice["token_ids"] == generate(ref, ids, 12)
     assert choice["text"] == ref.codec.decode(choice["token_ids"]) and choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32}
+    usage = body["usage"]
+    assert {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")} == \
+        {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32}
+    # this request's own decode-attention work and timing
+    assert usage["art"]["candidate_blocks"] == body["art"]["candidate_blocks"] > 0 and usage["art"]["decode_steps"] == 11
+    assert 0 < usage["ttft_s"] <= usage["e2e_s"] and usage["tpot_s"] > 0
     assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
     assert body["art"]["mode"] == "off" and r.headers["x-sparta-replica"] == body["replica"]
     # a text prompt is tokenised as the model's tokenizer does
@@ -135,7 +149,7 @@ def test_concurrent_requests_spread_over_replicas_and_batch(url, ref):
     assert [r.status_code for r in replies] == [200] * len(prompts)
     bodies = [r.json() for r in replies]
     assert len({b["replica"] for b in bodies}) == 2   # both replicas answered
-    assert max(b["art"]["batch_size"] for b in bodies) > 1   # Serve's batching put requests together
+    assert max(b["art"]["batch_size"] for b in bodies) > 1   # requests decoded together
     for ids, b in zip(prompts, bodies):   # ... and batched decoding gives each request its own greedy tokens
         assert b["choices"][0]["token_ids"] == generate(ref, ids, 8)
 
@@ -158,7 +172,11 @@ def test_chat_completions_streamed_and_not(url, ref):
     assert text == choice["message"]["content"] and len(chunks) > 3   # token by token
     assert done["choices"][0]["finish_reason"] == "length" and done["choices"][0]["delta"] == {}
     assert done["art"]["candidate_blocks"] > 0 and done["replica"]
-    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert usage["choices"] == []
+    timing = ("ttft_s", "tpot_s", "e2e_s")   # the stream's own timing; the rest equals the whole response's
+    assert {k: v for k, v in usage["usage"].items() if k not in timing} == \
+        {k: v for k, v in whole["usage"].items() if k not in timing}
+    assert all(usage["usage"][k] > 0 for k in timing)
 
 
 def test_completions_streamed_with_a_stop_string(url):
@@ -234,9 +252,15 @@ BAD = [  # body, status, param, what the message must say
     ({"model": "tiny", "prompt": "x", "art": "turbo"}, 400, "art", "unknown ART preset 'turbo'"),
     ({"model": "tiny", "prompt": "x", "kv": {"policy": "snap"}}, 400, "kv.policy", "unknown KV policy 'snap'; valid: dense"),
     ({"model": "tiny", "prompt": "x", "kv": {"policy": "snapkv", "ratio": 1.5}}, 400, "kv.ratio", "in \\[0, 1\\)"),
-    ({"model": "tiny", "prompt": "x", "temperature": 0.8}, 400, "temperature", "only greedy decoding"),
-    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n", "only greedy decoding"),
-    ({"model": "tiny", "prompt": "x", "best_of": 2}, 400, "best_of", "unknown parameter 'best_of'; valid: model"),
+    ({"model": "tiny", "prompt": "x", "temperature": 2.5}, 400, "temperature", "temperature must be a number in \\[0, 2\\]"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p", "top_p must be a number in \\(0, 1\\]"),
+    ({"model": "tiny", "prompt": "x", "top_k": -1}, 400, "top_k", "top_k must be an integer >= 0"),
+    ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n", "greater than or equal to 1"),
+    ({"model": "tiny", "prompt": "x", "n": 9}, 400, "n", "n .9. exceeds the 8 sequences"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
+    ({"model": "tiny", "prompt": "x", "best_of": 2}, 400, "best_of", "'best_of' is not supported by this server"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias", "'logit_bias' is not supported"),
+    ({"model": "tiny", "prompt": "x", "frobnicate": 2}, 400, "frobnicate", "unknown parameter 'frobnicate'; valid: model"),
     ({"model": "tiny", "prompt": [5, 99999]}, 400, "prompt", "token id 99999 is outside the vocabulary"),
     ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4 stop strings"),
     ({"prompt": "x"}, 400, "model", "required"),
@@ -250,6 +274,10 @@ BAD_CHAT = [
     ({"model": "tiny", "messages": [{"role": "user", "content": "x " * 300}]}, 400, "messages", "leaves no room"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 99}, 400,
      "max_tokens", "between 1 and 24"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs",
+     "top_logprobs needs logprobs: true"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools",
+     "'tools' is not supported"),
 ]
 
 
@@ -366,3 +394,164 @@ def test_a_killed_replica_is_replaced(url):
     assert [r.status_code for r in replies] == [200] * 6
     answered = {r.json()["replica"] for r in replies}
     assert len(answered) == 2 and victim["replica"] not in answered
+
+
+# -- the continuous scheduler over HTTP ------------------------------------------------------------------
+def small_health(url: str) -> dict:
+    return httpx.get(url + "/small/healthz", timeout=30).json()
+
+
+def wait_idle(url: str) -> dict:
+    deadline = time.monotonic() + 60
+    while (h := small_health(url))["running_sequences"] or h["queued_requests"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    return h
+
+
+def test_a_short_streamed_request_finishes_while_a_long_one_decodes(url):
+    long_events, short_events = [], []
+
+    def stream(body, sink):
+        with httpx.stream("POST", url + "/small/v1/completions", json=body, headers=AUTH, timeout=120) as r:
+            sink.append(("replica", r.headers["x-sparta-replica"]))
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    sink.append((time.monotonic(), json.loads(line[6:])))
+
+    long = threading.Thread(target=stream, args=({"model": "small", "prompt": token_prompt(30, 40), "max_tokens": 24,
+                                                  "stream": True}, long_events))
+    long.start()
+    while len(long_events) < 3:   # the long one is decoding
+        time.sleep(0.01)
+    stream({"model": "small", "prompt": token_prompt(8, 41), "max_tokens": 2, "stream": True}, short_events)
+    short_end = short_events[-1][0]
+    long.join(timeout=120)
+    assert short_events[0] == long_events[0]   # the same replica (there is one)
+    assert short_events[-1][1]["choices"][0]["finish_reason"] == "length"
+    later = [e for t, e in long_events[1:] if t > short_end]
+    assert len(later) >= 5 and later[-1]["choices"][0]["finish_reason"] == "length"   # it kept going after
+
+
+def test_seeded_sampling_n_and_logprobs_over_http(url, ref):
+    body = {"model": "tiny", "prompt": token_prompt(24, 50), "max_tokens": 10, "temperature": 1.0, "top_p": 0.95,
+            "seed": 77, "return_token_ids": True}
+    alone = post(url, "/v1/completions", body).json()["choices"][0]["token_ids"]
+    others = [{"model": "tiny", "prompt": token_prompt(20 + i, 60 + i), "max_tokens": 10, "temperature": 0.8}
+              for i in range(5)]
+    with ThreadPoolExecutor(6) as pool:   # the same request inside busy batches, on either replica
+        replies = list(pool.map(lambda b: post(url, "/v1/completions", b), others[:3] + [body] + others[3:]))
+    assert all(r.status_code == 200 for r in replies)
+    assert replies[3].json()["choices"][0]["token_ids"] == alone
+    two = post(url, "/v1/completions", {**body, "n": 2}).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1] and two["usage"]["completion_tokens"] == 20
+    assert two["choices"][0]["token_ids"] != two["choices"][1]["token_ids"]
+    # logprobs: the model's own log-softmax of the chosen tokens (completions and chat shapes)
+    lp = post(url, "/v1/completions", {**body, "logprobs": 2}).json()["choices"][0]
+    ids = body["prompt"] + lp["token_ids"]
+    with torch.no_grad():
+        logits = ref.model(torch.tensor([ids])).logits[0, len(body["prompt"]) - 1: -1]
+    want = torch.log_softmax(logits.float(), -1)[torch.arange(10), torch.tensor(lp["token_ids"])]
+    torch.testing.assert_close(torch.tensor(lp["logprobs"]["token_logprobs"]), want, rtol=1e-4, atol=1e-4)
+    assert lp["logprobs"]["tokens"] == [ref.codec.decode([t]) for t in lp["token_ids"]]
+    assert all(len(top) == 2 for top in lp["logprobs"]["top_logprobs"])
+    chat = post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 4, "logprobs": True, "top_logprobs": 3}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(len(c["top_logprobs"]) == 3 and c["logprob"] <= 0 for c in content)
+    assert content[0]["top_logprobs"][0]["logprob"] >= content[0]["logprob"]   # greedy here: the top one
+    # streamed, each chunk carries the logprobs of its tokens
+    got = events(url, "/v1/completions", {**body, "logprobs": 0, "stream": True})
+    streamed = [x for e in got[:-1] for x in ((e["choices"][0].get("logprobs") or {}).get("token_logprobs") or [])]
+    torch.testing.assert_close(torch.tensor(streamed), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_full_pool_answers_503_with_retry_after_and_loses_nothing(url):
+    wait_idle(url)
+    body = {"model": "small", "prompt": token_prompt(10, 70), "max_tokens": 24}
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda i: post(url, "/small/v1/completions", {**body, "seed": i}), range(6)))
+    codes = sorted(r.status_code for r in replies)
+    assert codes.count(200) >= 3 and set(codes) == {200, 503}   # 2 slots + 1 waiting; the rest refused
+    for r in replies:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "overloaded"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 24 and r.json()["choices"][0]["finish_reason"] == "length"
+    assert post(url, "/small/v1/completions", {**body, "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_slot(url):
+    wait_idle(url)
+    body = {"model": "small", "prompt": token_prompt(10, 80), "max_tokens": 24, "stream": True}
+    with httpx.stream("POST", url + "/small/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        lines = r.iter_lines()
+        seen = [next(lines) for _ in range(3)]
+        assert all(line.startswith("data: ") for line in seen if line)
+        assert small_health(url)["kv_slots_used"] == 1
+    # the connection is closed mid-stream: the row leaves at its next step, long before its 24 tokens
+    start = time.monotonic()
+    health = wait_idle(url)
+    assert health["kv_slots_used"] == 0 and time.monotonic() - start < 24 * 0.05
+    # and a non-streamed request whose client gives up
+    with pytest.raises(httpx.ReadTimeout):
+        post(url, "/small/v1/completions", {**body, "stream": False}, timeout=0.3)
+    health = wait_idle(url)
+    assert health["kv_slots_used"] == 0 and health["kv_used_tokens"] == 0
+
+
+def test_prometheus_metrics(url):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        """Each series' value (200s of /v1/completions where a series has those labels)."""
+        r = httpx.get(url + "/small/metrics", timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(r.text):
+            for s in family.samples:
+                if s.labels.get("status", "200") == "200" and s.labels.get("endpoint", "completions") == "completions":
+                    assert s.labels["model"] == "small" and s.labels["replica"]
+                    out[s.name] = out.get(s.name, 0.0) + s.value
+        return out
+
+    wait_idle(url)
+    before = scrape()
+    r = post(url, "/small/v1/completions", {"model": "small", "prompt": token_prompt(100, 90), "max_tokens": 5})
+    after = scrape()
+    grew = lambda name: after[name] - before.get(name, 0.0)   # noqa: E731
+    assert grew("sparta_requests_total") == 1 and grew("sparta_output_tokens_total") == 5
+    assert grew("sparta_prompt_tokens_total") == 100
+    assert grew("sparta_time_to_first_token_seconds_count") == 1 and grew("sparta_time_per_output_token_seconds_count") == 1
+    assert grew("sparta_e2e_request_latency_seconds_count") == 1
+    assert grew("sparta_art_candidate_blocks_total") == r.json()["usage"]["art"]["candidate_blocks"]
+    assert grew("sparta_art_visited_blocks_total") == r.json()["usage"]["art"]["visited_blocks"]
+    assert after["sparta_kv_slots"] == 2 and after["sparta_requests_queued"] == 0 and after["sparta_requests_running"] == 0
+    assert after["sparta_kv_cache_usage_ratio"] == 0 and 0 <= after["sparta_art_skipped_fraction"] < 1
+
+
+def test_the_openai_client_drives_the_deployment(url, ref):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert done.choices[0].text == ref.codec.decode(generate(ref, ref.codec.encode("Once upon a time"), 6))
+    assert done.usage.completion_tokens == 6 and done.usage.model_extra["art"]["candidate_blocks"] > 0
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Name a planet."}],
+                                          max_tokens=5, temperature=0.9, seed=3, n=2, logprobs=True, top_logprobs=2)
+    assert len(chat.choices) == 2 and all(len(c.logprobs.content) == 5 for c in chat.choices)
+    again = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Name a planet."}],
+                                           max_tokens=5, temperature=0.9, seed=3, n=2)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in chat.choices]
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Name a planet."}], max_tokens=5, temperature=0.9,
+        seed=3, stream=True) if c.choices]
+    assert "".join(pieces) == chat.choices[0].message.content and len(pieces) > 1
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=3)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
