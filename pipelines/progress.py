@@ -21,12 +21,29 @@ def console(width: int = 200) -> Console:
 
 @contextmanager
 def bar(out: Console, unit: str = "", start: str = "starting") -> Iterator[Update]:
-    """A transient progress bar; the block gets its `update(message, done, total)`."""
+    """A transient progress bar; the block gets its `update(message, done, total)`. Where the output is
+    not a terminal (a log, a pipe, `nohup`), a bar would show nothing: each new message is a line instead."""
     suffix = f" {unit}" if unit else ""
+    if not out.is_terminal:
+        yield _lines(out, suffix)
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}" + suffix),
                   TimeElapsedColumn(), console=out, transient=True) as progress:
         task = progress.add_task(start, total=None)
         yield lambda message, done, total: progress.update(task, description=message, completed=done, total=total)
+
+
+def _lines(out: Console, suffix: str) -> Update:
+    import time
+
+    start, last = time.monotonic(), [None]
+
+    def update(message: str, done: int, total: int) -> None:
+        if message != last[0]:
+            last[0] = message
+            elapsed = int(time.monotonic() - start)
+            out.print(f"[{elapsed // 60:d}:{elapsed % 60:02d}] {message} ({done}/{total}{suffix})", highlight=False)
+    return update
 
 
 class SweepProgress:

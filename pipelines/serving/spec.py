@@ -147,7 +147,7 @@ class SchedulerSpec(Section):
 
     kind: Literal["continuous", "static"] = "continuous"
     kv_cache_tokens: int | None = Field(None, ge=16)   # default: 8 slots of max_context
-    max_prefill_tokens: int = Field(256, ge=16, le=65536)
+    max_prefill_tokens: int = Field(128, ge=16, le=65536)
     max_queued: int = Field(64, ge=0, le=100000)
 
 

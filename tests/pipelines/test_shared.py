@@ -93,3 +93,20 @@ def test_pid_alive_and_stop_pid_on_a_real_process():
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     wait_until(lambda: not pid_alive(zombie.pid), 10, "the child to exit", 0.05)   # exited, not yet reaped
     assert zombie.poll() == 0
+
+
+def test_progress_in_a_log_is_a_line_per_step():
+    """Without a terminal (a log, a pipe, nohup) a rich bar shows nothing: each new message is a line."""
+    import io
+
+    from rich.console import Console
+
+    from pipelines.progress import bar
+
+    buffer = io.StringIO()
+    with bar(Console(file=buffer, width=120), unit="phases") as update:
+        update("deploying", 0, 3)
+        update("deploying", 0, 3)
+        update("rate 0.1, art off", 1, 3)
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("deploying (0/3 phases)") and "rate 0.1, art off (1/3 phases)" in lines[1]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from attention import ARTConfig
-from attention.kernels.dispatch import decode_rows
+from attention.kernels.dispatch import decode_rows, resolve
 from workers.serving.kv_pool import KVPool
 
 IMPLEMENTATION = "sparta_batch"
@@ -81,7 +81,11 @@ class StepBatch:
         self.t_max = (self.before.amax(1) + 1).tolist() if self.n else []   # per layer, from the host copy
         self.before = self.before.to(dev)
         self.after = self.before + 1
-        self.all_off = all(not g.art.active and not g.quest_ratio for g in self.groups)
+        # ART off for every row and no kernel here (impl "reference", or the CPU kernel failed to build): one
+        # SDPA call. Otherwise ART-off rows walk every block in the same kernel as the ART rows: exact, and
+        # on a CPU several times faster than SDPA's decode path for a ragged batch.
+        self.sdpa_off = resolve(self.impl, dev, self.block_size_off) == "reference" and all(
+            not g.art.active and not g.quest_ratio for g in self.groups)
 
     # -- per-step values the layers share, made once ---------------------------------------------------
     def memo(self, key, make):
@@ -142,7 +146,7 @@ def _decode(step: StepBatch, layer: int, query: torch.Tensor, scale: float, wind
     q = query[0, :, :n].transpose(0, 1).contiguous()                  # (n, hq, d)
     lengths, starts = step.after[layer], step.starts(layer, window)
     hkv = k.shape[1]
-    if step.all_off and step.contiguous:   # ART off for every row: one SDPA call, the plain baseline
+    if step.sdpa_off and step.contiguous:
         pos = torch.arange(t, device=q.device)
         valid = pos[None, :] < lengths[:, None]
         if starts is not None:

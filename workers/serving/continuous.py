@@ -63,7 +63,7 @@ class Sequence:
     request: Request
     index: int
     stream: TextStream
-    sampler: SequenceSampler
+    sampler: SequenceSampler | None = None   # made on the engine's thread, at admission
     slot: int = -1
     prefilled: int = 0
     position: int = 0                      # RoPE position of the next token fed
@@ -105,6 +105,26 @@ class ContinuousEngine(Engine):
     submits and waits; `close()` stops the thread, failing what is left."""
 
     def __init__(self, cfg: EngineConfig):
+        # Every torch call of the engine (loading included) runs on its own thread: a second thread running
+        # torch's OpenMP-parallel ops keeps a second team of workers, and with more workers than cores
+        # libgomp stops spinning, which made each small decode-step op ~2x slower (measured on 2 cores).
+        self.cond = threading.Condition()
+        self.closed = False
+        ready: Future = Future()
+        self.thread = threading.Thread(target=self._run, args=(cfg, ready), name="sparta-engine", daemon=True)
+        self.thread.start()
+        ready.result()   # re-raises what loading raised
+
+    def _run(self, cfg: EngineConfig, ready: Future) -> None:
+        try:
+            self._build(cfg)
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        self._loop()
+
+    def _build(self, cfg: EngineConfig) -> None:
         super().__init__(cfg)
         conf = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         heads = conf.num_attention_heads
@@ -120,8 +140,6 @@ class ContinuousEngine(Engine):
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []   # in slot order: decoding[i].slot == i
-        self.cond = threading.Condition()
-        self.closed = False
         self.counters = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "visited_blocks": 0,
                          "candidate_blocks": 0, "failed_steps": 0}
         self.step_seconds = 0.05             # a running mean, for Retry-After
@@ -130,8 +148,6 @@ class ContinuousEngine(Engine):
         for c, _ in self._previous_impl:
             c._attn_implementation = batch_attention.IMPLEMENTATION
         self._warm_up()
-        self.thread = threading.Thread(target=self._loop, name="sparta-engine", daemon=True)
-        self.thread.start()
 
     def _warm_up(self) -> None:
         """One packed step on the scratch slot before serving: builds the kernels the first request would
@@ -204,7 +220,7 @@ class ContinuousEngine(Engine):
                                "n")
         press, applied = self.applied_kv(*kv, len(job.prompt))
         request = Request(job, Future(), time.perf_counter(), applied, press, kv[1] if kv[0] == "quest" else 0.0)
-        request.seqs = [Sequence(request, i, TextStream(self.codec, job.max_tokens, job.stop), self.sampler(job, i),
+        request.seqs = [Sequence(request, i, TextStream(self.codec, job.max_tokens, job.stop),
                                  logprobs=[] if job.sampling.logprobs is not None else None)
                         for i in range(job.n)]
         request.future.set_running_or_notify_cancel()
@@ -266,6 +282,8 @@ class ContinuousEngine(Engine):
         while self.waiting and self.table.free() >= self.waiting[0].job.n:
             request = self.waiting.popleft()
             job = request.job
+            for seq in request.seqs:
+                seq.sampler = self.sampler(job, seq.index)
             self.table.take(request.seqs[0])
             self.pool.reset(request.seqs[0].slot)
             request.reserved = job.n - 1

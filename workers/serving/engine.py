@@ -163,7 +163,7 @@ class EngineConfig:
     # The continuous engine (workers.serving.continuous): KV pool positions (slots of max_context; default 8
     # slots), prompt tokens prefilled per step, requests waiting for a slot before new ones are refused.
     kv_cache_tokens: int | None = None
-    max_prefill_tokens: int = 256
+    max_prefill_tokens: int = 128
     max_queued: int = 64
     # Sampling defaults (workers.serving.sampling.SamplingParams fields) for requests that leave them out.
     sampling: dict = field(default_factory=dict)

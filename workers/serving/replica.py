@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -22,7 +23,7 @@ from ray.serve import metrics
 from starlette.exceptions import HTTPException   # what routing raises (FastAPI's is a subclass)
 
 from workers.serving import protocol as api
-from workers.serving.continuous import ContinuousEngine, Overloaded, build_engine
+from workers.serving.continuous import Overloaded, build_engine
 from workers.serving.engine import Completion, EngineConfig, Job
 from workers.serving.metrics import MetricsReporter
 from workers.serving.prometheus import CONTENT_TYPE_LATEST, ServingMetrics
@@ -89,8 +90,12 @@ class Replica:
 
     def __init__(self, config: dict, api_key: str | None = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, metrics: dict | None = None):
-        self.engine = build_engine(EngineConfig(**config))
-        self.continuous = isinstance(self.engine, ContinuousEngine)
+        cfg = EngineConfig(**config)
+        self.continuous = cfg.scheduler == "continuous"
+        # The static engine loads and decodes on one thread of its own, as the continuous engine does: torch
+        # ops on several threads keep several OpenMP teams, which slows small ops (see ContinuousEngine).
+        self.executor = None if self.continuous else ThreadPoolExecutor(1, thread_name_prefix="sparta-static")
+        self.engine = build_engine(cfg) if self.continuous else self.executor.submit(build_engine, cfg).result()
         self.defaults = SamplingParams(**self.engine.cfg.sampling)
         self.name = self.engine.cfg.served_name
         self.api_key = api_key
@@ -115,7 +120,7 @@ class Replica:
     # -- the static scheduler's batching -------------------------------------------------------------
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _generate(self, jobs: list[Job]) -> list[Completion]:
-        return await asyncio.to_thread(self.engine.run, jobs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.run, jobs)
 
     # -- routes ------------------------------------------------------------------------------------
     @app.get("/healthz")
