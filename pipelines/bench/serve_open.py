@@ -15,12 +15,13 @@ within a deployment every (rate, ART setting) runs as `rounds` phases, in snake 
 Per (scheduler, ART, rate): output tokens/s are the answered output tokens over the wall time of the phases
 (each from its first send to its last answer); TTFT is the time to the first streamed text; TPOT the time
 per output token after the first, (latency - TTFT) / (tokens - 1); served / offered the answered requests/s
-over the arrival rate the phases' draws offered. A configuration *sustains* a rate when it answered every
-request at that rate and at every lower one, and its p99 end-to-end latency there stays within
-SUSTAIN_P99_FACTOR x its p99 at the lowest rate (a growing backlog makes the latency of later requests grow
-with the phase, a bounded queue does not). The lowest rate is the reference, so it should be a light load:
-the notes flag a lowest rate that fell behind its own arrivals (served / offered < KEEP_UP; only a hint
-with few requests, whose last answers come a latency after the last arrival). Start --rates low.
+over the arrival rate the phases' draws offered. A configuration *sustains* a rate when, at that rate and at
+every lower one, it answered every request, kept up with the arrivals (served / offered >= KEEP_UP: a
+server that falls behind answers ever later, and its served rate stays below the offered one), and its p99
+end-to-end latency stayed within SUSTAIN_P99_FACTOR x its p99 at the lowest rate. The report names the
+highest rate static sustains, the highest continuous sustains, and the continuous / static output tokens/s
+at the first rate static does not sustain (where both are measured: below it both serve what is offered,
+so their tokens/s are equal by construction). Start --rates at a light load.
 
 `--interference` adds a probe per deployment: the TTFT of short requests (PROBE_PROMPT tokens, PROBE_MAX
 out) sent one at a time (unloaded), then each sent PROBE_DELAY_S after a long request (the longest
@@ -48,7 +49,7 @@ from pipelines.serving.local import Background, load_spec, scheduler_kinds
 from pipelines.serving.spec import ServeSpecError
 
 SUSTAIN_P99_FACTOR = 2.0     # p99 latency within this multiple of the lowest rate's: the rate is sustained
-KEEP_UP = 0.8                # a lowest rate answering < this x its arrival rate is flagged as no light load
+KEEP_UP = 0.8                # served / offered below this: the server fell behind its arrivals
 PROBE_PROMPT, PROBE_MAX = 128, 8   # the interference probe's short request
 PROBE_DELAY_S = 0.1          # the short request follows the long one by this much (past a static batch's wait)
 INTERFERENCE_TARGET = 2.0    # loaded TTFT p99 <= this x unloaded, with the continuous scheduler
@@ -316,28 +317,39 @@ def _row(rate: float, scheduler: str, art: str, mine: list[OpenSample]) -> dict:
 
 def mark_sustained(rows: list[dict]) -> None:
     """Set each row's `sustained`: per (scheduler, ART), rates ascending, a rate is sustained while every
-    request so far was answered and p99 latency <= SUSTAIN_P99_FACTOR x the lowest rate's."""
+    request so far was answered, served / offered >= KEEP_UP and p99 latency <= SUSTAIN_P99_FACTOR x the
+    lowest rate's."""
     for kind, art in dict.fromkeys((r["scheduler"], r["art"]) for r in rows):
         mine = sorted((r for r in rows if (r["scheduler"], r["art"]) == (kind, art)), key=lambda r: r["rate"])
         reference, holding = mine[0]["latency_p99_s"], True
         for r in mine:
             p99 = r["latency_p99_s"]
             bounded = reference is not None and p99 is not None and p99 <= SUSTAIN_P99_FACTOR * reference
-            holding = holding and r["errors"] == 0 and bounded
+            kept_up = (r.get("served_vs_offered") or 0.0) >= KEEP_UP
+            holding = holding and r["errors"] == 0 and bounded and kept_up
             r["sustained"] = holding
 
 
 def static_sustains(rows: list[dict]) -> list[dict]:
-    """Per ART setting: the highest rate the static scheduler sustains (None: not even the lowest) and the
-    continuous / static output tokens/s there (None without a continuous row)."""
+    """Per ART setting: the highest rate the static scheduler sustains (None: not even the lowest), the
+    continuous / static output tokens/s there, the highest rate continuous sustains, and the first rate
+    static does not sustain with the continuous / static output tokens/s there (None where a row is missing)."""
     out = []
     for art in dict.fromkeys(r["art"] for r in rows if r["scheduler"] == "static"):
-        held = [r for r in rows if r["scheduler"] == "static" and r["art"] == art and r["sustained"]]
-        top = max(held, key=lambda r: r["rate"]) if held else None
-        continuous = _find(rows, top["rate"], "continuous", art) if top else None
-        out.append({"art": art, "rate": top["rate"] if top else None,
-                    "continuous_vs_static_tokens_per_s":
-                        _ratio(continuous["output_tokens_per_s"], top["output_tokens_per_s"]) if continuous else None})
+        static = sorted((r for r in rows if r["scheduler"] == "static" and r["art"] == art), key=lambda r: r["rate"])
+        held = [r for r in static if r["sustained"]]
+        top = held[-1] if held else None
+        beyond = next((r for r in static if not r["sustained"]), None)
+        continuous_held = [r["rate"] for r in rows if (r["scheduler"], r["art"]) == ("continuous", art) and r["sustained"]]
+
+        def versus(row):
+            continuous = _find(rows, row["rate"], "continuous", art) if row else None
+            return _ratio(continuous["output_tokens_per_s"], row["output_tokens_per_s"]) if continuous else None
+
+        out.append({"art": art, "rate": top["rate"] if top else None, "continuous_vs_static_tokens_per_s": versus(top),
+                    "continuous_rate": max(continuous_held) if continuous_held else None,
+                    "beyond_rate": beyond["rate"] if beyond else None,
+                    "continuous_vs_static_tokens_per_s_beyond": versus(beyond)})
     return out
 
 
@@ -415,14 +427,19 @@ def notes(report: "OpenReport") -> list[str]:
             ratio = s["continuous_vs_static_tokens_per_s"]
             out.append(f"ART {s['art']}: static sustains up to {s['rate']:g} req/s"
                        + (f"; continuous / static output tokens/s there: {ratio:.2f}x" if ratio else ""))
-    out.append(f"sustained: every request answered at this rate and below, and p99 latency <= "
-               f"{SUSTAIN_P99_FACTOR:g}x the lowest rate's (same scheduler and ART)")
+        if s.get("continuous_rate") is not None:
+            out.append(f"ART {s['art']}: continuous sustains up to {s['continuous_rate']:g} req/s")
+        if s.get("beyond_rate") is not None and s.get("continuous_vs_static_tokens_per_s_beyond"):
+            out.append(f"ART {s['art']}: at {s['beyond_rate']:g} req/s, the first rate static does not sustain, "
+                       f"continuous / static output tokens/s: {s['continuous_vs_static_tokens_per_s_beyond']:.2f}x")
+    out.append(f"sustained: every request answered at this rate and below, served / offered >= {KEEP_UP:g}, and p99 "
+               f"latency <= {SUSTAIN_P99_FACTOR:g}x the lowest rate's (same scheduler and ART)")
     for kind, art in dict.fromkeys((r["scheduler"], r["art"]) for r in report.rows):
         lowest = min((r for r in report.rows if (r["scheduler"], r["art"]) == (kind, art)), key=lambda r: r["rate"])
         if (lowest["served_vs_offered"] or 0.0) < KEEP_UP:
             out.append(f"{kind}, ART {art}: the lowest rate ({lowest['rate']:g}/s) answered "
-                       f"{lowest['served_vs_offered'] or 0:.2f}x its arrival rate: maybe no light load, so its p99 "
-                       "is a lenient reference (lower --rates, or more --requests)")
+                       f"{lowest['served_vs_offered'] or 0:.2f}x its arrival rate: no light load, so nothing is "
+                       "sustained (lower --rates)")
     for kind, d in report.deployments.items():
         said = d.get("healthz", {}).get("scheduler")
         if said is not None and said != kind:

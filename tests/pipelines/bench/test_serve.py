@@ -277,7 +277,7 @@ def _rows(kind, art, rates, p99s, errors=None, tok=None, served=None):
 
 def test_the_sustain_rule():
     rows = (_rows("static", "off", [2.0, 0.5, 1.0, 4.0], [3.0, 1.0, 2.0, 1.5],   # 4: back under 2x, but 2 failed
-                  served=[0.5, 0.85, 0.9, 0.3])   # only the lowest rate has to keep up
+                  served=[0.5, 0.85, 0.9, 0.3])   # and 2 fell behind its arrivals
             + _rows("static", "on", [0.5, 1.0, 2.0], [1.0, 1.5, 2.5], errors=[0, 1, 0])
             + _rows("continuous", "off", [0.5, 1.0, 2.0, 4.0], [1.0, 1.0, 1.2, 1.9], tok=[10.0, 15.0, 30.0, 40.0])
             + _rows("static", "tuned", [0.5, 1.0], [None, 1.0], errors=[3, 0]))   # no reference at all
@@ -288,9 +288,17 @@ def test_the_sustain_rule():
     assert all(held["continuous", "off", r] for r in (0.5, 1.0, 2.0, 4.0))
     assert not held["static", "tuned", 0.5] and not held["static", "tuned", 1.0]
     assert so.static_sustains(rows) == [
-        {"art": "off", "rate": 1.0, "continuous_vs_static_tokens_per_s": 1.5},   # 15 / 10 at rate 1
-        {"art": "on", "rate": 0.5, "continuous_vs_static_tokens_per_s": None},   # no continuous row for on
-        {"art": "tuned", "rate": None, "continuous_vs_static_tokens_per_s": None}]
+        # 15 / 10 at rate 1; at 2, the first rate static loses, 30 / 10
+        {"art": "off", "rate": 1.0, "continuous_vs_static_tokens_per_s": 1.5, "continuous_rate": 4.0,
+         "beyond_rate": 2.0, "continuous_vs_static_tokens_per_s_beyond": 3.0},
+        {"art": "on", "rate": 0.5, "continuous_vs_static_tokens_per_s": None, "continuous_rate": None,   # no continuous row
+         "beyond_rate": 1.0, "continuous_vs_static_tokens_per_s_beyond": None},
+        {"art": "tuned", "rate": None, "continuous_vs_static_tokens_per_s": None, "continuous_rate": None,
+         "beyond_rate": 0.5, "continuous_vs_static_tokens_per_s_beyond": None}]
+    # a server that falls behind its arrivals sustains nothing from there on, however its latency looks
+    behind = _rows("static", "off", [0.5, 1.0, 2.0], [1.0, 1.1, 1.2], served=[1.0, 0.7, 1.0])
+    so.mark_sustained(behind)
+    assert [r["sustained"] for r in behind] == [True, False, False]
 
 
 def test_served_vs_offered_uses_the_drawn_arrivals():
@@ -357,8 +365,11 @@ def test_open_loop_markdown():
     assert cont_on[md[0].index("tok/s vs static")] == "2.00x" and cont_on[md[0].index("p99 vs static")] == "0.50x"
     assert md[3][md[0].index("tok/s vs static")] == "-" and md[1][md[0].index("TPOT p50 ms")] == "55.6"
     text = so.markdown(_report(samples))
-    assert "ART off: static sustains up to 1 req/s; continuous / static output tokens/s there: 2.00x" in text
-    assert "its arrival rate" not in text   # served / offered 2.00 and 1.00: light enough
+    # static answers in 2 s: at 1 req/s it serves 0.5x what arrives, so it sustains 0.5 req/s only
+    assert "ART off: static sustains up to 0.5 req/s; continuous / static output tokens/s there: 2.00x" in text
+    assert "ART off: continuous sustains up to 1 req/s" in text
+    assert "ART off: at 1 req/s, the first rate static does not sustain, continuous / static output tokens/s: 2.00x" in text
+    assert "its arrival rate" not in text   # served / offered 2.00 and 1.00 at the lowest rate: light enough
     slow = [_open("static", "off", 1.0, i, latency=5.0, tokens=10, sent=float(i)) for i in range(3)]
     assert "static, ART off: the lowest rate (1/s) answered 0.43x its arrival rate" in so.markdown(_report(slow))
 
