@@ -13,7 +13,7 @@ METHODS = ("lora", "cla", "c3la", "asym")
 
 def test_run_measures_every_row_consistently():
     cfg = bt.BenchConfig(model="random:bert-tiny", methods=METHODS, steps=2, warmup=1, batch=4, seq_len=16,
-                         rank=4, device="cpu")
+                         rank=4, device="cpu", dtype="float32")   # the byte counts below are fp32's (4 bytes)
     report = bt.run(cfg)
     by = {r.name: r for r in report.results}
     assert list(by) == [bt.FLOOR, bt.PEFT_LORA, bt.PEFT_FROZEN_A, *METHODS]

@@ -90,7 +90,8 @@ def test_a_killed_worker_restarts_from_its_checkpoint(tmp_path):
     # Two workers under ZeRO-2: each holds half of the optimizer state, so the checkpoint must carry both.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = spec_file(tmp_path, methods=["cla"], seeds=[0], experiment="sweep-fault",
-                     train={"steps": 6, "batch_size": 4, "max_length": 64, "eval_every": 2, "eval_examples": 8},
+                     train={"steps": 6, "batch_size": 4, "max_length": 64, "eval_every": 2, "eval_examples": 8,
+                            "precision": "fp32"},   # DeepSpeed names bf16 partitions bf16_zero_pp_rank_*
                      resources={"workers_per_trial": 2, "cpus_per_worker": 0.5}, deepspeed={"zero_stage": 2})
     spec = load_spec(path)
     marker = tmp_path / "crashed.json"
