@@ -7,6 +7,7 @@ from adapters.config import AdapterConfig
 from adapters.handle import Adapter, apply, chain_boundaries, load
 from adapters.layers import AdapterLayer, LowRankLinear, SelectorLinear
 from adapters.methods import METHODS, MethodSpec
+from adapters.peft_format import save_peft
 
 __all__ = ["METHODS", "Adapter", "AdapterConfig", "AdapterLayer", "LowRankLinear", "MethodSpec",
-           "SelectorLinear", "apply", "chain_boundaries", "load"]
+           "SelectorLinear", "apply", "chain_boundaries", "load", "save_peft"]

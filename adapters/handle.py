@@ -11,10 +11,10 @@ from torch import nn
 from adapters import targets as injector
 from adapters.config import AdapterConfig
 from adapters.layers import AdapterLayer, LowRankLinear, SelectorLinear
+from adapters.lowrank import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, read_meta
+from adapters.peft_format import save_peft
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+SAVE_FORMATS = ("sparta", "peft")
 
 
 def chain_boundaries(total_steps: int, segments: int) -> list[int]:
@@ -132,8 +132,16 @@ class Adapter:
             state["idx"] = layer.idx.detach().clone()
         return state
 
-    def save(self, path: str | Path) -> Path:
-        """safetensors (trained tensors only: current and finished segments, head) + JSON."""
+    def save(self, path: str | Path, format: str = "sparta") -> Path:
+        """safetensors (trained tensors only: current and finished segments, head) + JSON.
+
+        format="sparta": sparta's own folder, which `load` reads back exactly. format="peft": a Hugging Face
+        PEFT LoRA folder for PEFT, vLLM and other LoRA servers (adapters.peft_format; not for `full`)."""
+        if format not in SAVE_FORMATS:
+            raise ValueError(f"Adapter.save: unknown format {format!r}; valid formats: "
+                             f"{', '.join(map(repr, SAVE_FORMATS))}")
+        if format == "peft":
+            return save_peft(self, path)
         self._check_live()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -211,12 +219,7 @@ def load(model: nn.Module, path: str | Path) -> Adapter:
     """Apply a saved adapter to the same base model: replays finished segments, restores the current
     one and the head, and reproduces the fine-tuned outputs."""
     path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}: not a sparta adapter folder")
-    meta = json.loads((path / CONFIG_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: adapter format {meta.get('format_version')!r}, this sparta reads "
-                         f"{FORMAT_VERSION}")
+    meta = read_meta(path)
     config = AdapterConfig.from_dict(meta["config"])
     tensors = load_file(str(path / WEIGHTS_FILE))
     handle = apply(model, config)

@@ -100,6 +100,16 @@ SERVE_FIELDS = {
     "name": "the served model id (requests' `model`) and the Serve application's name; default: from `model`",
     "route_prefix": "the application's HTTP route prefix: starts with `/`, ends without one unless it is `/`",
     "adapter": "a sparta adapter folder (with `adapter_config.json`) merged into the model; not with a registry URI",
+    "adapters": "adapters served unmerged beside the base, each picked by a request's `model`, decoded together in "
+                "one batch: a string (its `uri`) or `{uri, name}`; `model` must then be a base model",
+    "adapters[].uri": "`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/adapter` or a sparta adapter "
+                      "folder, adapting `model` with the same `model_overrides`",
+    "adapters[].name": "the `model` requests give; `null`: from the uri (NAME/VERSION, NAME@ALIAS, run-ID, the "
+                       "folder's name)",
+    "merge": "`true`: fold the one adapter listed into the base (fastest; served under its name, no other "
+             "adapters)",
+    "max_adapters": "adapters loaded at once per replica; loading one more evicts the least recently used idle one",
+    "runtime_adapters": "`POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's routes) on",
     "tokenizer": "`bytes`, a packaged alias or a folder with a Hugging Face tokenizer; `null`: the model's own",
     "model_overrides": "model config fields to override when loading, e.g. `max_position_embeddings` of a random "
                        "model",

@@ -33,3 +33,22 @@ def markdown_rows(text: str) -> list[list[str]]:
         if line.startswith("|") and not set(line) <= set("|:- "):
             rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line[1:-1])])   # "\|" is a pipe inside a cell
     return rows
+
+
+def trained_adapter(model, config, seed: int = 1, scale: float = 0.3):
+    """`adapters.apply(model, config)`, as if trained: every tensor it trains (and the task head) moved by
+    seeded random values (B = 0 at init would change nothing); a chained method gets a second segment, moved
+    too, so that exports and servers must stack both. Returns the handle."""
+    import torch
+
+    import adapters
+
+    handle = adapters.apply(model, config)
+    g = torch.Generator().manual_seed(seed)
+    for segment in range(2 if config.spec.chained else 1):
+        if segment:
+            handle.chain_step()
+        with torch.no_grad():
+            for p in handle.adapter_parameters() + handle.head_parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return handle

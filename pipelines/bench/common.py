@@ -1,7 +1,10 @@
 """What every benchmark shares: a target checked on a run (`Verdict`) and how a list of them is shown."""
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -33,3 +36,17 @@ def verdicts_table(verdicts: list[Verdict], title: str):
 
 def fmt(x, spec: str = ".2f", none: str = "-") -> str:
     return none if x is None else format(x, spec)
+
+
+def write_report(out: Path, stem: str, rows: list[dict], markdown: str, record: dict) -> dict[str, Path]:
+    """A benchmark's files: <stem>.csv (its rows), .md (its tables and notes) and .json (`record`: config,
+    machine, raw samples)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"{stem}.{k}" for k in ("csv", "md", "json")}
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    paths["md"].write_text(markdown + "\n")
+    paths["json"].write_text(json.dumps(record, indent=1))
+    return paths

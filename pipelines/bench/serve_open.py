@@ -30,8 +30,6 @@ out) sent one at a time (unloaded), then each sent PROBE_DELAY_S after a long re
 from __future__ import annotations
 
 import asyncio
-import csv
-import json
 import math
 import tempfile
 import time
@@ -43,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines import tables
+from pipelines.bench.common import write_report
 from pipelines.bench.serve import (ON, ConfigError, art_requests, body, cut, environment, essay_tokens, percentile,
                                    send, sigterm_as_ctrl_c, split, tokenizer_for)
 from pipelines.serving.local import Background, load_spec, scheduler_kinds
@@ -278,7 +277,7 @@ def summarize(samples: list[OpenSample]) -> list[dict]:
     settings = list(dict.fromkeys(s.art for s in load))
     keys = sorted({(s.rate, s.scheduler, s.art) for s in load},
                   key=lambda k: (k[0], kinds.index(k[1]), settings.index(k[2])))
-    rows = [_row(rate, kind, art, [s for s in load if (s.rate, s.scheduler, s.art) == (rate, kind, art)])
+    rows = [phase_row(rate, kind, art, [s for s in load if (s.rate, s.scheduler, s.art) == (rate, kind, art)])
             for rate, kind, art in keys]
     base_art = "off" if "off" in settings else settings[0] if settings else None
     for row in rows:
@@ -295,7 +294,7 @@ def _find(rows: list[dict], rate: float, scheduler: str, art: str | None) -> dic
     return next((r for r in rows if (r["rate"], r["scheduler"], r["art"]) == (rate, scheduler, art)), None)
 
 
-def _row(rate: float, scheduler: str, art: str, mine: list[OpenSample]) -> dict:
+def phase_row(rate: float, scheduler: str, art: str, mine: list[OpenSample]) -> dict:
     ok = [s for s in mine if s.ok]
     wall = _wall(mine)
     tokens = sum(s.output_tokens for s in ok)
@@ -653,19 +652,11 @@ def _phase_jobs(model, kind, rate, label, r, art, part: range, load: Workload) -
 
 
 def write(report: OpenReport, out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "serve-open-" + report.model.replace(":", "_").replace("/", "_")
-    paths = {k: out / f"{stem}.{k}" for k in ("csv", "md", "json")}
-    with paths["csv"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(report.rows[0]))
-        w.writeheader()
-        w.writerows(report.rows)
-    paths["md"].write_text(markdown(report) + "\n")
     rules = {"sustain_p99_factor": SUSTAIN_P99_FACTOR, "keep_up": KEEP_UP, "interference_target": INTERFERENCE_TARGET,
              "probe_prompt_tokens": PROBE_PROMPT, "probe_max_tokens": PROBE_MAX, "probe_delay_s": PROBE_DELAY_S}
-    paths["json"].write_text(json.dumps({"config": asdict(report.config), "deployments": report.deployments,
-                                         "model": report.model, "environment": report.environment,
-                                         "rows": report.rows, "probe": report.probe, "sustains": report.sustains,
-                                         "rules": rules, "phases": report.phases,
-                                         "samples": [asdict(s) for s in report.samples]}, indent=1))
-    return paths
+    return write_report(out, "serve-open-" + report.model.replace(":", "_").replace("/", "_"), report.rows,
+                        markdown(report), {"config": asdict(report.config), "deployments": report.deployments,
+                                           "model": report.model, "environment": report.environment,
+                                           "rows": report.rows, "probe": report.probe, "sustains": report.sustains,
+                                           "rules": rules, "phases": report.phases,
+                                           "samples": [asdict(s) for s in report.samples]})

@@ -142,8 +142,9 @@ def bench_serve(
                                              "(default continuous,static)"),
     requests: int = typer.Option(32, help="requests per concurrency level (open loop: per rate) and ART setting; "
                                  "the open loop sends the same seeded requests at every rate, scheduler and setting"),
-    art: str = typer.Option("off,on", help="comma list: off, on (the spec's art), or presets with +field=value "
-                            "overrides (tuned+tau=3e-3); ratios are against off"),
+    art: Optional[str] = typer.Option(None, help="comma list: off, on (the spec's art), or presets with +field=value "
+                                      "overrides (tuned+tau=3e-3); ratios are against off (default off,on; with "
+                                      "--adapters one setting, default off)"),
     prompt_tokens: Optional[str] = typer.Option(None, help="comma list of prompt lengths in tokens: cycled over "
                                                 "the requests in the closed loop (default 1024); in the open loop "
                                                 "each request draws one uniformly (seeded) "
@@ -165,8 +166,15 @@ def bench_serve(
     endpoint: Optional[str] = typer.Option(None, help="a running deployment of the spec (default: deploy it here); "
                                            "the open loop then takes one --schedulers kind, the one it runs"),
     port: Optional[int] = typer.Option(None, help="override the spec's port when deploying"),
+    adapters: Optional[int] = typer.Option(None, "--adapters", help="open loop: one merged adapter vs this many "
+                                           "adapters per --adapter-methods mixed in one batch (and one unmerged), "
+                                           "on the spec's base model, instead of scheduler kinds"),
+    adapter_methods: Optional[str] = typer.Option(None, help="with --adapters: comma list of methods, the first "
+                                                  "low-rank (default lora,cla: the selector path vs the low-rank one)"),
+    adapter_rank: Optional[int] = typer.Option(None, help="with --adapters: their rank (default 16)"),
     out: Path = typer.Option(Path("bench-results"), help="folder for serve-<model>.csv/.md/.json (open loop: "
-                             "serve-open-<model>.*) and the deployments' logs"),
+                             "serve-open-<model>.*, with --adapters serve-adapters-<model>.*) and the deployments' "
+                             "logs"),
 ) -> None:
     """Output tokens/s and latency of a deployment under load, ART settings (and scheduler kinds) side by side:
     a closed loop per --concurrency level, or an open loop (Poisson arrivals) per --rates rate. Open loop, per
@@ -177,6 +185,21 @@ def bench_serve(
     from pipelines.bench import serve as bs
     from pipelines.progress import bar, console as make_console
 
+    if adapters is not None:
+        if rates is None:
+            raise typer.BadParameter("needs --rates (the open-loop mode)", param_hint="--adapters")
+        for option, value in {"--concurrency": concurrency, "--schedulers": schedulers, "--endpoint": endpoint,
+                              "--interference": interference or None, "--probe-requests": probe_requests}.items():
+            if value is not None:
+                raise typer.BadParameter("not with --adapters (it deploys the spec's scheduler itself)",
+                                         param_hint=option)
+        _bench_serve_adapters(spec, rates, adapters, adapter_methods, adapter_rank, requests, art, prompt_tokens,
+                              max_tokens, rounds, seed, max_in_flight, port, out)
+        return
+    for option, value in {"--adapter-methods": adapter_methods, "--adapter-rank": adapter_rank}.items():
+        if value is not None:
+            raise typer.BadParameter("only with --adapters", param_hint=option)
+    art = art or "off,on"
     if rates is not None:
         if concurrency is not None:
             raise typer.BadParameter("give --concurrency (closed loop) or --rates (open loop), not both",
@@ -228,6 +251,31 @@ def _bench_serve_open(spec, rates, schedulers, requests, art, prompt_tokens, max
         report = so.run(cfg, out, update, checked)
     paths = so.write(report, out)
     so.print_report(console, report)
+    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['json']}")
+
+
+def _bench_serve_adapters(spec, rates, adapters, methods, rank, requests, art, prompt_tokens, max_tokens, rounds,
+                          seed, max_in_flight, port, out) -> None:
+    from pipelines.bench import serve_adapters as sa
+    from pipelines.progress import bar, console as make_console
+
+    arts = names(art or "off")
+    if len(arts) != 1:
+        raise typer.BadParameter("one setting with --adapters", param_hint="--art")
+    cfg = sa.AdapterBenchConfig(
+        spec=str(spec), rates=numbers(rates, float, "--rates"), adapters=adapters,
+        methods=names(methods or "lora,cla"), rank=16 if rank is None else rank, requests=requests, art=arts[0],
+        prompt_tokens=ints(prompt_tokens or "128,512", "--prompt-tokens"),
+        max_tokens=ints(max_tokens or "32,64", "--max-tokens"), rounds=rounds, seed=seed,
+        max_in_flight=128 if max_in_flight is None else max_in_flight, port=port)
+    with _bad_arguments_exit_2():
+        checked = sa.check(cfg)
+        _check_port(checked[0])
+    console = make_console(220)
+    with bar(console) as update:
+        report = sa.run(cfg, out, update, checked)
+    paths = sa.write(report, out)
+    sa.print_report(console, report)
     console.print(f"written: {paths['csv']}, {paths['md']}, {paths['json']}")
 
 

@@ -31,6 +31,7 @@ class ResolvedModel:
     adapter: str | None = None
     model_overrides: dict = field(default_factory=dict)
     source: str = ""   # the spec's model (a registry URI, an alias or a folder)
+    adapters: dict = field(default_factory=dict)   # served unmerged by name: name -> local adapter folder
 
 
 def _fresh_dir(uri: str) -> Path:
@@ -84,23 +85,65 @@ def _from_run(uri: str, tracking_uri: str) -> ResolvedModel:
 
 
 def resolve_model(spec: ServeSpec) -> ResolvedModel:
-    """The spec's model as plain values; ServeSpecError (on `model`) when a registry URI cannot be used."""
+    """The spec's model and adapters as plain values; ServeSpecError (on `model` or `adapters[i]`) when a
+    registry URI cannot be used or an adapter belongs to another base model."""
+    if spec.adapters:
+        folders = _resolve_adapters(spec)
+        if spec.merge:
+            return ResolvedModel(spec.model, next(iter(folders.values())), dict(spec.model_overrides), spec.model)
+        return ResolvedModel(spec.model, None, dict(spec.model_overrides), spec.model, folders)
     if not is_registry_uri(spec.model):
         return ResolvedModel(spec.model, spec.adapter, dict(spec.model_overrides), spec.model)
-    from pipelines.mlflow_store import resolve_tracking_uri, scoped_tracking_uri
-
-    uri = resolve_tracking_uri(spec.tracking_uri)
-    try:
-        with scoped_tracking_uri(uri):
-            got = _from_pyfunc(spec.model) if spec.model.startswith("models:/") else _from_run(spec.model, uri)
-    except Exception as e:   # MLflow raises its own types for a missing model, version or run
-        raise ServeSpecError([("model", f"cannot resolve {spec.model} in {uri}: {e}")]) from None
+    got = _resolve_uri(spec, spec.model, "model")
     overrides = {**got.model_overrides, **spec.model_overrides}
     try:
         spec.check_limits(got.model, overrides)
     except FieldError as e:
         raise ServeSpecError([(".".join(e.path), str(e))]) from None
     return ResolvedModel(got.model, got.adapter, overrides, spec.model)
+
+
+def _resolve_uri(spec: ServeSpec, uri: str, field_name: str) -> ResolvedModel:
+    from pipelines.mlflow_store import resolve_tracking_uri, scoped_tracking_uri
+
+    tracking = resolve_tracking_uri(spec.tracking_uri)
+    try:
+        with scoped_tracking_uri(tracking):
+            return _from_pyfunc(uri) if uri.startswith("models:/") else _from_run(uri, tracking)
+    except Exception as e:   # MLflow raises its own types for a missing model, version or run
+        raise ServeSpecError([(field_name, f"cannot resolve {uri} in {tracking}: {e}")]) from None
+
+
+def _same_base(a: str, b: str) -> bool:
+    from workers.data.assets import resolve_model_path
+
+    if a == b:
+        return True
+    if a.startswith("random:") or b.startswith("random:"):
+        return False
+    try:
+        return Path(resolve_model_path(a)).resolve() == Path(resolve_model_path(b)).resolve()
+    except Exception:
+        return False
+
+
+def _resolve_adapters(spec: ServeSpec) -> dict[str, str]:
+    """name -> local folder of every adapter the spec lists; registry ones must adapt the spec's base model."""
+    out = {}
+    for i, entry in enumerate(spec.adapters):
+        where = f"adapters[{i}].uri"
+        if not is_registry_uri(entry.uri):
+            out[entry.served_name] = entry.uri
+            continue
+        got = _resolve_uri(spec, entry.uri, where)
+        if not _same_base(got.model, spec.model):
+            raise ServeSpecError([(where, f"{entry.uri} adapts {got.model}, not this deployment's model {spec.model}")])
+        differ = sorted(k for k, v in got.model_overrides.items() if spec.model_overrides.get(k) != v)
+        if differ:   # the base must be the one the adapter was trained on, config overrides included
+            raise ServeSpecError([(where, f"{entry.uri} was trained with model_overrides {got.model_overrides}; give "
+                                          f"the same in the spec (it has {spec.model_overrides})")])
+        out[entry.served_name] = got.adapter
+    return out
 
 
 def engine_config(spec: ServeSpec, resolved: ResolvedModel) -> dict:
@@ -113,7 +156,8 @@ def engine_config(spec: ServeSpec, resolved: ResolvedModel) -> dict:
             "max_new_tokens": spec.max_new_tokens, "threads": max(1, round(spec.cpus_per_replica)),
             "scheduler": spec.scheduler.kind, "kv_cache_tokens": spec.kv_cache_tokens,
             "max_prefill_tokens": spec.scheduler.max_prefill_tokens, "max_queued": spec.scheduler.max_queued,
-            "sampling": spec.sampling.model_dump()}
+            "sampling": spec.sampling.model_dump(), "adapters": dict(resolved.adapters),
+            "max_adapters": spec.max_adapters, "runtime_adapters": spec.runtime_adapters and not spec.merge}
 
 
 def deployment_options(spec: ServeSpec) -> dict:

@@ -45,7 +45,8 @@ def open_metrics_run(spec: ServeSpec, resolved=None) -> MetricsRun | None:
 
     values["resolved"] = {"dtype": resolve_dtype(spec.dtype, resolve_device(spec.device))}   # as a local replica has it
     if resolved is not None:
-        values["resolved"].update({"model": resolved.model, "adapter": resolved.adapter})
+        values["resolved"].update({"model": resolved.model, "adapter": resolved.adapter,
+                                   "adapters": list(resolved.adapters)})   # names: "@" is no param-key character
     store.log_params(client, run.info.run_id, values)
     return MetricsRun(uri, run.info.run_id, spec.metrics_interval_s)
 

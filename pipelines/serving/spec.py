@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipelines.spec_fields import (FieldError, Section, SpecError, check_model, error_message, field_path, read_yaml,
                                    resolve_path)
@@ -41,15 +41,18 @@ def is_registry_uri(model: str) -> bool:
     return model.startswith(REGISTRY_PREFIXES)
 
 
+def _check_registry_uri(uri: str) -> str:
+    """A models:/ or runs:/ URI checked for form (ValueError saying the form)."""
+    if uri.startswith("models:/") and not re.fullmatch(r"models:/[^/@]+(/[^/]+|@[^/]+)", uri):
+        raise ValueError(f"a registered model is models:/NAME/VERSION (or models:/NAME@ALIAS), got {uri!r}")
+    if uri.startswith("runs:/") and not re.fullmatch(r"runs:/[0-9a-f]{8,}/.+", uri):
+        raise ValueError(f"a run's artifact is runs:/RUN_ID/PATH (e.g. runs:/<id>/adapter), got {uri!r}")
+    return uri
+
+
 def _check_serve_model(name: str, info: ValidationInfo) -> str:
-    if name.startswith("models:/"):
-        if not re.fullmatch(r"models:/[^/@]+(/[^/]+|@[^/]+)", name):
-            raise ValueError(f"a registered model is models:/NAME/VERSION (or models:/NAME@ALIAS), got {name!r}")
-        return name
-    if name.startswith("runs:/"):
-        if not re.fullmatch(r"runs:/[0-9a-f]{8,}/.+", name):
-            raise ValueError(f"a run's artifact is runs:/RUN_ID/PATH (e.g. runs:/<id>/adapter), got {name!r}")
-        return name
+    if is_registry_uri(name):
+        return _check_registry_uri(name)
     name = check_model(name, info)   # an alias, random:<arch>-tiny or a folder (made absolute)
     from workers.data.assets import model_kind
 
@@ -160,6 +163,48 @@ class SamplingSpec(Section):
     top_k: int = Field(0, ge=0)
 
 
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/:-]*$")
+
+
+def default_adapter_name(uri: str) -> str:
+    """models:/NAME/3 -> NAME/3, models:/NAME@ALIAS -> NAME@ALIAS, runs:/ID/adapter -> run-ID (12), a folder -> its name."""
+    if uri.startswith("models:/"):
+        return uri.removeprefix("models:/")
+    if uri.startswith("runs:/"):
+        return "run-" + uri.removeprefix("runs:/").split("/")[0][:12]
+    return Path(uri).name
+
+
+def _check_adapter_source(uri: str, info: ValidationInfo) -> str:
+    if is_registry_uri(uri):
+        return _check_registry_uri(uri)
+    return _check_folder("adapter_config.json", "a sparta adapter folder")(uri, info)
+
+
+class AdapterSpec(Section):
+    """One adapter served beside the base: `uri` a registered model (models:/NAME/VERSION, models:/NAME@ALIAS),
+    a run's artifact (runs:/RUN_ID/adapter) or a sparta adapter folder; `name` the `model` requests pick it by
+    (default from the uri: NAME/VERSION, NAME@ALIAS, run-ID, the folder's name)."""
+
+    uri: Annotated[str, AfterValidator(_check_adapter_source)]
+    name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _ADAPTER_NAME.match(v):
+            raise ValueError(f"use letters, digits and . _ @ / : - (starting with a letter or digit), got {v!r}")
+        return v
+
+    @property
+    def served_name(self) -> str:
+        return self.name or default_adapter_name(self.uri)
+
+
+def _adapter_entry(value: Any) -> Any:
+    return {"uri": value} if isinstance(value, str) else value
+
+
 class ServeSpec(Section):
     """A whole deployment. Build it with `load_serve_spec(path)` or `ServeSpec.model_validate(dict)`."""
 
@@ -167,6 +212,12 @@ class ServeSpec(Section):
     name: str | None = None            # the served model name and the Serve application's; default from model
     route_prefix: str = "/"
     adapter: Annotated[str | None, AfterValidator(_check_folder("adapter_config.json", "a sparta adapter folder"))] = None
+    # Adapters served by name beside the base (requests pick one with `model`), decoded together in one batch;
+    # merge: true folds a single one into the base instead (the fastest path, one adapter per deployment).
+    adapters: list[Annotated[AdapterSpec, BeforeValidator(_adapter_entry)]] = Field(default_factory=list)
+    merge: bool = False
+    max_adapters: int = Field(16, ge=1, le=1024)   # loaded at once per replica; the least recently used makes room
+    runtime_adapters: bool = True                  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     tokenizer: Annotated[str | None, AfterValidator(_check_tokenizer)] = None
     model_overrides: dict[str, Any] = Field(default_factory=dict)
     tracking_uri: str | None = None    # for models:/, runs:/ and the metrics run (default: $MLFLOW_TRACKING_URI or ./mlruns)
@@ -220,6 +271,22 @@ class ServeSpec(Section):
         registry = is_registry_uri(self.model)
         if registry and self.adapter is not None:
             raise FieldError(("adapter",), f"{self.model} carries its own adapter; leave adapter unset", root=True)
+        if self.merge and len(self.adapters) != 1:
+            raise FieldError(("merge",), f"merge: true folds one adapter into the base; adapters lists "
+                             f"{len(self.adapters)} (list one, or serve them unmerged with merge: false)", root=True)
+        if self.adapters:
+            if registry or self.adapter is not None:
+                raise FieldError(("adapters",), "adapters are served over a base model: give model as a base (an alias, "
+                                 "a folder or random:<arch>-tiny) and leave adapter unset", root=True)
+            names = [a.served_name for a in self.adapters]
+            base = None if self.merge else self.served_name
+            dup = next((n for n in names if names.count(n) > 1 or n == base), None)
+            if dup is not None:
+                raise FieldError(("adapters",), f"the name {dup!r} is taken twice (the base model is served as "
+                                 f"{self.served_name!r}); give each adapter its own name", root=True)
+            if len(self.adapters) > self.max_adapters:
+                raise FieldError(("max_adapters",), f"{len(self.adapters)} adapters do not fit in max_adapters "
+                                 f"({self.max_adapters})", root=True)
         if self.max_new_tokens >= self.max_context:
             raise FieldError(("max_new_tokens",), f"max_new_tokens ({self.max_new_tokens}) leaves no room for a prompt "
                       f"in max_context ({self.max_context})", root=True)
@@ -267,8 +334,11 @@ class ServeSpec(Section):
 
     @property
     def served_name(self) -> str:
+        """The name requests give as `model` for the base (for the merged adapter, with merge: true)."""
         if self.name:
             return self.name
+        if self.merge and self.adapters:
+            return self.adapters[0].served_name
         m = self.model
         if m.startswith("models:/"):
             return re.split(r"[/@]", m.removeprefix("models:/"))[0]
@@ -303,7 +373,7 @@ class ServeSpec(Section):
 
 
 # -- errors ----------------------------------------------------------------------------------------
-_SECTIONS: dict[str, type[BaseModel]] = {"kv": KVSpec, "batching": BatchingSpec, "replicas": AutoscalingSpec,
+_SECTIONS: dict[str, type[BaseModel]] = {"adapters": AdapterSpec, "kv": KVSpec, "batching": BatchingSpec, "replicas": AutoscalingSpec,
                                          "scheduler": SchedulerSpec, "sampling": SamplingSpec}
 
 
@@ -341,5 +411,5 @@ def load_serve_spec(path: str | Path, **overrides) -> ServeSpec:
     return ServeSpec.model_validate(data, context={"base_dir": path.parent, "source": str(path)})
 
 
-__all__ = ["AutoscalingSpec", "BatchingSpec", "FieldError", "KVSpec", "SamplingSpec", "SchedulerSpec", "ServeSpec",
+__all__ = ["AdapterSpec", "AutoscalingSpec", "BatchingSpec", "FieldError", "KVSpec", "SamplingSpec", "SchedulerSpec", "ServeSpec",
            "ServeSpecError", "is_registry_uri", "load_serve_spec"]

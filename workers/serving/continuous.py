@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters.bank import Routing
 from attention.kernels.dispatch import resolve
 from workers.serving import batch_attention
 from workers.serving.batch_attention import DecodeGroup, PrefillChunk, StepBatch
@@ -110,6 +111,7 @@ class ContinuousEngine(Engine):
         # libgomp stops spinning, which made each small decode-step op ~2x slower (measured on 2 cores).
         self.cond = threading.Condition()
         self.closed = False
+        self.calls: list[tuple] = []   # (fn, Future) to run on the engine's thread between steps
         ready: Future = Future()
         self.thread = threading.Thread(target=self._run, args=(cfg, ready), name="sparta-engine", daemon=True)
         self.thread.start()
@@ -226,6 +228,17 @@ class ContinuousEngine(Engine):
         request.future.set_running_or_notify_cancel()
         return request
 
+    def call(self, fn) -> Future:
+        """Run `fn()` on the engine's thread between two steps (loading an adapter changes what the model
+        reads); a Future of its result."""
+        future: Future = Future()
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.calls.append((fn, future))
+            self.cond.notify()
+        return future
+
     def run(self, jobs: list[Job]) -> list[Completion]:
         """Decode `jobs` (queued together, without the queue bound) and wait for them; one Completion each."""
         return [f.result() for f in self.submit_all(jobs, bounded=False)]
@@ -256,10 +269,17 @@ class ContinuousEngine(Engine):
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.closed and not (self.waiting or self.decoding or self.prefilling):
+                while not self.closed and not (self.waiting or self.decoding or self.prefilling or self.calls):
                     self.cond.wait()
                 if self.closed:
                     break
+                calls, self.calls = self.calls, []
+            for fn, future in calls:   # between steps: nothing reads what they change
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+            with self.cond:
                 admitted = self._admit()
             start = time.perf_counter()
             try:
@@ -273,6 +293,8 @@ class ContinuousEngine(Engine):
                 self._fail_all_running(e)
             self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - start)
         self._fail_all_running(RuntimeError("the engine was closed"))
+        for _, future in self.calls:
+            future.set_exception(RuntimeError("the engine was closed"))
         for request in self.waiting:
             request.future.set_exception(RuntimeError("the engine was closed"))
 
@@ -305,7 +327,7 @@ class ContinuousEngine(Engine):
         if not self.decoding and not chunks:
             return
         step, ids, positions, keep = self._plan(chunks)
-        with batch_attention.running(step):
+        with batch_attention.running(step), self.route(self._routing(chunks)):
             out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep)
         logits = out.logits[0].float()
         self._advance(step, chunks, logits)
@@ -334,6 +356,17 @@ class ContinuousEngine(Engine):
                          completed=self._completed_blocks(before, chunks))
         as_tensor = lambda x: torch.tensor([x], dtype=torch.long, device=dev)  # noqa: E731
         return step, as_tensor(tokens), as_tensor(positions), torch.tensor(keep, dtype=torch.long, device=dev)
+
+    def _routing(self, chunks: list[tuple[Sequence, int]]) -> Routing:
+        """Which adapter each packed token uses: decode rows one token each, then the prompt chunks."""
+        spans = [(seq.request.job.adapter, i, 1) for i, seq in enumerate(self.decoding)]
+        offset = len(spans)
+        for seq, n in chunks:
+            spans.append((seq.request.job.adapter, offset, n))
+            offset += n
+        if self.adapters is None or all(slot is None for slot, _, _ in spans):
+            return Routing()
+        return Routing.packed(spans, self.adapters.bank, self.device)
 
     def _groups(self) -> list[DecodeGroup]:
         by_setting: dict[tuple, list[int]] = {}
@@ -511,7 +544,7 @@ class ContinuousEngine(Engine):
         seq = request.seqs[0]
         ids = torch.tensor([request.prompt], device=self.device)
         cache = new_cache(self.model, growing=False)
-        with self.stock_attention(), request.press(self.model):
+        with self.stock_attention(), request.press(self.model), self.route(Routing.uniform(request.job.adapter)):
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.pool.load(seq.slot, [(layer.keys, layer.values) for layer in cache.layers])
         seq.prefilled = len(request.prompt)

@@ -25,6 +25,8 @@ from attention.generate import decode, prefill
 from attention.hf import art_supported, make_press
 from workers import hardware
 from workers.hardware import DEVICES, DTYPES   # dtype auto: bf16 where the device runs it natively
+from adapters.bank import Routing
+from workers.serving.adapter_slots import AdapterSlots
 from workers.serving.codec import Codec, TextStream, load_tokenizer
 from workers.serving.requests import OFF, RequestError, art_config
 from workers.serving.sampling import GREEDY, SamplingParams, SequenceSampler, TokenLogprobs, sample
@@ -82,6 +84,7 @@ class Job:
     sampling: SamplingParams = GREEDY
     n: int = 1
     on_delta: Callable[[Delta], None] | None = None
+    adapter: int | None = None        # the adapter bank slot it decodes with (a lease from AdapterSlots); None: base
 
     def emit(self, delta: Delta) -> None:
         if self.on_delta is not None:
@@ -167,6 +170,11 @@ class EngineConfig:
     max_queued: int = 64
     # Sampling defaults (workers.serving.sampling.SamplingParams fields) for requests that leave them out.
     sampling: dict = field(default_factory=dict)
+    # Adapters served unmerged beside the base, by name -> sparta adapter folder (workers.serving.adapter_slots);
+    # at most max_adapters at once (least recently used evicted); runtime_adapters: POST /v1/load_lora_adapter.
+    adapters: dict = field(default_factory=dict)
+    max_adapters: int = 16
+    runtime_adapters: bool = True
     # Test-only fault injection (like workers.training.trial's _crash_at_step): a batch holding a job whose
     # prompt is exactly these token ids raises inside the ART session, as a failing model call would.
     # Never set by a serve spec (pipelines.serving.deploy builds the config without it).
@@ -222,6 +230,16 @@ class Engine:
         if cfg.adapter:
             model = adapters.load(model, cfg.adapter).merge()
         self.model = model.to(self.device).eval()
+        self.adapters = None   # many adapters over the base (not with a merged one: their factors are the base's)
+        if cfg.adapter is None and (cfg.adapters or cfg.runtime_adapters):
+            self.adapters = AdapterSlots(self.model, cfg.max_adapters)
+            if len(cfg.adapters) > cfg.max_adapters:
+                raise ValueError(f"{len(cfg.adapters)} adapters but max_adapters is {cfg.max_adapters}")
+            for name, path in cfg.adapters.items():
+                try:
+                    self.adapters.load(name, path)
+                except RequestError as e:
+                    raise ValueError(f"adapter {name!r}: {e.message}") from None
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         model_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.codec = Codec(load_tokenizer(cfg.tokenizer, tok), model_eos)
@@ -238,6 +256,10 @@ class Engine:
     def load(self) -> dict:
         """Counters for metrics: decode-attention blocks visited and candidate since the start."""
         return dict(self.counters)
+
+    def route(self, routing: Routing):
+        """The adapter bank's routing for the forwards inside (nothing without a bank)."""
+        return self.adapters.bank.route(routing) if self.adapters is not None else nullcontext()
 
     def check_supported(self, art: ARTConfig, kv: tuple[str, float]) -> None:
         """RequestError unless this model can decode with `art` and the KV policy `kv`: ART and the KV
@@ -307,13 +329,14 @@ class Engine:
         return make_press(policy, ratio) is not None or (policy == "quest" and ratio > 0)
 
     def groups(self, jobs: list[Job]) -> list[list[int]]:
-        """Indices of jobs that decode together: one ART config and one KV policy per group (both are set
-        per model call); left padding only under the dense policy, so other policies group equal prompt
-        lengths."""
+        """Indices of jobs that decode together: one ART config, one KV policy and one adapter per group (all
+        are set per model call); left padding only under the dense policy, so other policies group equal
+        prompt lengths."""
         out: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             kv = self.kv_of(job)
-            out.setdefault((job.art, kv, len(job.prompt) if self._shrinks_cache(*kv) else None), []).append(i)
+            shape = len(job.prompt) if self._shrinks_cache(*kv) else None
+            out.setdefault((job.art, kv, shape, job.adapter), []).append(i)
         return list(out.values())
 
     def run(self, jobs: list[Job]) -> list[Completion]:
@@ -372,14 +395,15 @@ class Engine:
                     last[r] = now
             return all(s.finish is not None for s in streams)
 
-        with press(self.model) if press is not None else nullcontext():   # the policy shapes the prompt's KV
+        adapter = self.route(Routing.uniform(jobs[0].adapter))
+        with adapter, press(self.model) if press is not None else nullcontext():   # the policy shapes the prompt's KV
             state = prefill(self.model, ids, mask, pick=pick)
         quest = policy == "quest" and ratio > 0
         art = jobs[0].art
         # A model ART cannot drive decodes plainly (check_supported has refused ART and policies for it).
         session = (enable_art(self.model, art, "quest" if quest else "dense", ratio if quest else 0.0,
                               impl=self.cfg.impl) if self.art_supported else nullcontext())
-        with session:
+        with session, self.route(Routing.uniform(jobs[0].adapter)):
             self.inject_fault(prompts)
             budget = max(j.max_tokens for j in jobs)
             more = not step(-1, state.next_token) and budget > 1

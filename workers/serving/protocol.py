@@ -21,7 +21,7 @@ UNSUPPORTED = ("best_of", "echo", "suffix", "logit_bias", "tools", "tool_choice"
 class ApiError(Exception):
     """An error answered as OpenAI does: HTTP `status` and {"error": {message, type, param, code}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
              413: "invalid_request_error", 422: "invalid_request_error", 503: "server_overloaded"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -179,6 +179,35 @@ def parse_request(raw: bytes, cls: type[_Request]) -> _Request:
             msg = f"{msg}, got {json.dumps(err.get('input'), default=str)[:80]}"
         code = "invalid_type" if err["type"].endswith("_type") else "invalid_value"
         raise ApiError(400, f"{param}: {msg}", param, code) from None
+
+
+class LoadAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter, as vLLM takes it: serve the adapter folder `lora_path` as model `lora_name`."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1, max_length=200)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body; its lora_int_id is accepted and ignored)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
+def parse_body(raw: bytes, cls: type[BaseModel]) -> BaseModel:
+    """A small JSON body of a management route; ApiError 400 naming the field at fault."""
+    try:
+        data = json.loads(raw or b"null")
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _param(tuple(err["loc"])) if err["loc"] else None
+        valid = ", ".join(cls.model_fields)
+        raise ApiError(400, f"{param or 'body'}: {err['msg']} (fields: {valid})", param, "invalid_value") from None
 
 
 # -- responses -------------------------------------------------------------------------------------

@@ -127,7 +127,9 @@ class Replica:
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.name, "replica": self.replica_id, "pid": os.getpid(),
                 "dtype": self.engine.dtype, "device": str(self.engine.device), "scheduler": self.engine.cfg.scheduler,
-                "uptime_s": round(time.time() - self.started, 1), **self.counts, **self.engine.load()}
+                "uptime_s": round(time.time() - self.started, 1), **self.counts, **self.engine.load(),
+                "adapters": self.engine.adapters.names() if self.engine.adapters is not None else [],
+                "adapter_evictions": self.engine.adapters.evictions if self.engine.adapters is not None else 0}
 
     @app.get("/metrics")
     async def prometheus_metrics(self) -> Response:
@@ -136,9 +138,55 @@ class Replica:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
-        # max_model_len as vLLM reports it: clients (sparta eval) check prompt lengths before sending
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(self.started),
-                                            "owned_by": "sparta", "max_model_len": self.engine.cfg.max_context}]}
+        # max_model_len as vLLM reports it: clients (sparta eval) check prompt lengths before sending; adapters
+        # with their base as `parent` and their folder as `root`, as vLLM lists LoRA modules
+        base = {"id": self.name, "object": "model", "created": int(self.started), "owned_by": "sparta",
+                "root": self.engine.cfg.model, "parent": None, "max_model_len": self.engine.cfg.max_context}
+        adapters = self.engine.adapters.describe() if self.engine.adapters is not None else []
+        return {"object": "list", "data": [base, *({**base, "id": a["name"], "root": a["path"], "parent": self.name,
+                                                     "method": a["method"], "rank": a["rank"]} for a in adapters)]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(self, request: Request) -> Response:
+        """Serve another adapter (a sparta adapter folder on the replica's machine) by name, as vLLM's route
+        does; the least recently used idle adapter makes room when max_adapters are loaded."""
+        self._authorize(request)
+        body = api.parse_body(await request.body(), api.LoadAdapterRequest)
+        adapters = self._adapters_for("load")
+        if body.lora_name == self.name:
+            raise api.ApiError(400, f"{body.lora_name!r} is the base model's name", "lora_name")
+        load = lambda: adapters.load(body.lora_name, body.lora_path)  # noqa: E731
+        try:
+            await self._on_engine(load)
+        except RequestError as e:
+            raise api.ApiError(e.status, e.message, e.param, e.code) from None
+        log.info("loaded adapter %s from %s", body.lora_name, body.lora_path)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(self, request: Request) -> Response:
+        self._authorize(request)
+        body = api.parse_body(await request.body(), api.UnloadAdapterRequest)
+        try:
+            self._adapters_for("unload").unload(body.lora_name)   # its slot frees when its last request ends
+        except RequestError as e:
+            raise api.ApiError(e.status, e.message, e.param, e.code) from None
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
+
+    def _adapters_for(self, what: str):
+        if self.engine.adapters is None:
+            raise api.ApiError(400, f"cannot {what} adapters: this deployment serves a merged adapter (merge: true); "
+                               "deploy the base model to serve adapters by name", code="adapters_unavailable")
+        if not self.engine.cfg.runtime_adapters:
+            raise api.ApiError(403, f"cannot {what} adapters at run time: the deployment's spec sets "
+                               "runtime_adapters: false", code="adapters_unavailable")
+        return self.engine.adapters
+
+    async def _on_engine(self, fn):
+        """Run `fn` on the engine's thread, between steps (it changes tensors the model reads)."""
+        if self.continuous:
+            return await asyncio.wrap_future(self.engine.call(fn))
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -159,9 +207,12 @@ class Replica:
                                code="invalid_api_key")
 
     def _job(self, req, chat: bool) -> tuple[Job, list[int]]:
-        """Validate against the model and the server's limits; RequestError -> 4xx."""
-        if req.model != self.name:
-            raise RequestError(f"unknown model {req.model!r}; this server serves: {self.name}", "model",
+        """Validate against the model and the server's limits; RequestError -> 4xx. A job for an adapter holds
+        a lease on its slot (taken last, so that nothing after it can fail): `_start` hands it back."""
+        adapters = self.engine.adapters
+        if req.model != self.name and (adapters is None or req.model not in adapters.names()):
+            served = [self.name, *(adapters.names() if adapters is not None else [])]
+            raise RequestError(f"unknown model {req.model!r}; this server serves: {', '.join(served)}", "model",
                                code="model_not_found", status=404)
         art = art_config(req.art, self.engine.art)
         kv = kv_config(req.kv, (self.engine.cfg.policy, self.engine.cfg.policy_ratio))
@@ -175,14 +226,37 @@ class Replica:
             ids = self.engine.codec.encode(req.prompt) if isinstance(req.prompt, str) else req.prompt
             prompt = self.engine.check_prompt_ids(ids, "prompt")
             budget = self.engine.max_tokens_for(len(prompt), req.max_tokens, "prompt")
-        return Job(prompt, budget, req.stop, art, kv=kv, sampling=sampling, n=req.n), prompt
+        job = Job(prompt, budget, req.stop, art, kv=kv, sampling=sampling, n=req.n)
+        if req.model != self.name:
+            job.adapter = adapters.acquire(req.model)
+            if job.adapter is None:   # unloaded or evicted since the check above
+                raise RequestError(f"the adapter {req.model!r} was just unloaded", "model", code="model_not_found",
+                                   status=404)
+        return job, prompt
 
     def _start(self, job: Job):
         """The job's completion to await: queued in the continuous engine now (Overloaded or RequestError if
-        it cannot be), or handed to the static scheduler's batching."""
+        it cannot be), or handed to the static scheduler's batching. The job's adapter lease ends with it."""
+        release = (lambda *_: self.engine.adapters.release(job.adapter)) if job.adapter is not None else None
         if self.continuous:
-            return asyncio.wrap_future(self.engine.submit(job))
-        return self._generate(job)
+            try:
+                future = self.engine.submit(job)
+            except BaseException:
+                if release:
+                    release()
+                raise
+            if release:
+                future.add_done_callback(release)
+            return asyncio.wrap_future(future)
+        if release is None:
+            return self._generate(job)
+
+        async def static() -> Completion:
+            try:
+                return await self._generate(job)
+            finally:
+                release()
+        return static()
 
     async def _serve(self, request: Request, chat: bool):
         endpoint = "chat" if chat else "completions"
@@ -197,7 +271,8 @@ class Replica:
                     include_usage = bool(req.stream_options and req.stream_options.include_usage)
                     queue = self._subscribe(job)
                     pending = self._start(job)
-                    return StreamingResponse(self._stream(job, pending, queue, rid, chat, include_usage, ids, endpoint),
+                    return StreamingResponse(self._stream(job, pending, queue, rid, chat, include_usage, ids, endpoint,
+                                                          req.model),
                                              media_type="text/event-stream", headers={"x-sparta-replica": self.replica_id})
                 pending = self._start(job)
             except Overloaded as e:
@@ -217,7 +292,7 @@ class Replica:
         except Exception as e:   # the batch or step failed (every request in it gets a 500 of its own)
             return self._failed(endpoint, e)
         self._record(endpoint, done)
-        return JSONResponse(api.completion_body(rid, self.name, done, self.replica_id, self._token_text, ids, chat),
+        return JSONResponse(api.completion_body(rid, req.model, done, self.replica_id, self._token_text, ids, chat),
                             headers={"x-sparta-replica": self.replica_id})
 
     def _token_text(self, token: int) -> str:
@@ -232,7 +307,7 @@ class Replica:
         return queue
 
     async def _stream(self, job: Job, pending, queue: asyncio.Queue, rid: str, chat: bool, include_usage: bool,
-                      ids: list[int] | None, endpoint: str) -> AsyncIterator[str]:
+                      ids: list[int] | None, endpoint: str, model: str) -> AsyncIterator[str]:
         task = asyncio.ensure_future(pending)
         # the result comes after the deltas: the engine posts each delta before it resolves the job
         task.add_done_callback(lambda _: queue.put_nowait(_END))
@@ -240,14 +315,14 @@ class Replica:
         try:
             if chat:
                 for index in range(job.n):
-                    yield api.chunk(rid, self.name, chat, role=True, index=index)
+                    yield api.chunk(rid, model, chat, role=True, index=index)
             while (delta := await queue.get()) is not _END:
                 if not delta.text and not delta.logprobs:
                     continue
                 logprobs = api.logprobs_body(delta.logprobs, self._token_text, chat, offsets[delta.index])
                 if logprobs and not chat:
                     offsets[delta.index] += sum(len(t) for t in logprobs["tokens"])
-                yield api.chunk(rid, self.name, chat, text=delta.text, index=delta.index, logprobs=logprobs)
+                yield api.chunk(rid, model, chat, text=delta.text, index=delta.index, logprobs=logprobs)
             try:
                 done = task.result()
             except Exception as e:   # the step failed: tell the client in-band, the status line is sent
@@ -263,10 +338,10 @@ class Replica:
                         extra.update(prompt_token_ids=ids)
                 if ids is not None:
                     extra["token_ids"] = list(c.tokens)
-                yield api.chunk(rid, self.name, chat, finish=c.finish_reason, index=c.index, **extra)
+                yield api.chunk(rid, model, chat, finish=c.finish_reason, index=c.index, **extra)
             if include_usage:
                 yield api.sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                               "created": int(time.time()), "model": self.name, "choices": [],
+                               "created": int(time.time()), "model": model, "choices": [],
                                "usage": api.usage(done.prompt_tokens, done.completion_tokens, done)})
             yield api.sse("[DONE]")
             self._record(endpoint, done)

@@ -330,15 +330,18 @@ class _Batches:
 
 # -- checkpoints -----------------------------------------------------------------------------------
 def _save_checkpoint(folder: Path, cfg: TrainConfig, handle, engine, state: dict, rank: int) -> Path:
-    """adapter/ (safetensors + json), deepspeed/ (trainable weights, optimizer and ZeRO partitions,
-    engine counters; frozen weights excluded: the adapter file rebuilds them), trainer_state.json
-    (step, history, config) and rng-rank<r>.json (each worker's torch RNG)."""
+    """adapter/ (safetensors + json; adapter/peft/ the same adapter in PEFT's LoRA format, all methods but
+    full), deepspeed/ (trainable weights, optimizer and ZeRO partitions, engine counters; frozen weights
+    excluded: the adapter file rebuilds them), trainer_state.json (step, history, config) and
+    rng-rank<r>.json (each worker's torch RNG)."""
     if rank == 0 and folder.exists():
         raise FileExistsError(f"{folder} exists: each checkpoint goes to a fresh folder")
     engine.save_checkpoint(str(folder / "deepspeed"), tag="state", exclude_frozen_parameters=True)
     (folder / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
     if rank == 0:
         handle.save(folder / "adapter")
+        if cfg.method != "full":   # full has no low-rank form; see docs/adapters.md, "PEFT format"
+            handle.save(folder / "adapter" / "peft", format="peft")
         (folder / "trainer_state.json").write_text(json.dumps(
             {**state, "adapter_dir": None, "config": cfg.to_dict()}, indent=1))
     dist.barrier()

@@ -81,6 +81,15 @@ BAD = [  # spec changes, the field path named, what its message must say
     ({"name": "my model"}, "name", "letters, digits"),
     ({"route_prefix": "v1"}, "route_prefix", "starts with '/'"),
     ({"device": "cpu", "gpus_per_replica": 1}, "gpus_per_replica", "device cpu holds no GPU"),
+    ({"adapters": ["models:/only-a-name"]}, "adapters[0].uri", "models:/NAME/VERSION (or models:/NAME@ALIAS)"),
+    ({"adapters": [str(REPO)]}, "adapters[0].uri", "is not a sparta adapter folder"),
+    ({"adapters": [{"uri": "models:/a/1", "nme": "x"}]}, "adapters[0].nme", "unknown field 'nme'; valid fields: uri, name"),
+    ({"adapters": [{"uri": "models:/a/1", "name": "a b"}]}, "adapters[0].name", "letters, digits"),
+    ({"adapters": ["models:/a/1", "models:/b/1", {"uri": "models:/c/1", "name": "b/1"}]}, "adapters", "'b/1' is taken twice"),
+    ({"adapters": [{"uri": "models:/a/1", "name": "random-llama-tiny"}]}, "adapters", "the base model is served as"),
+    ({"adapters": ["models:/a/1"], "model": "models:/m/1"}, "adapters", "served over a base model"),
+    ({"adapters": ["models:/a/1", "models:/b/1"], "max_adapters": 1}, "max_adapters", "do not fit in max_adapters (1)"),
+    ({"merge": True}, "merge", "merge: true folds one adapter into the base; adapters lists 0"),
 ]
 
 
@@ -218,6 +227,37 @@ def test_registered_model_resolves_to_its_base_and_adapter(registry):
     assert by_run.model == "random:llama-tiny" and by_run.model_overrides == OVERRIDES
     assert Path(by_run.adapter, "adapter_model.safetensors").read_bytes() == \
         Path(registry["adapter"], "adapter_model.safetensors").read_bytes()
+
+
+def test_adapters_resolve_by_alias_and_merge_folds_one(registry):
+    from mlflow import MlflowClient
+
+    MlflowClient(registry["uri"]).set_registered_model_alias(registry["name"], "champion", registry["version"])
+    base = {"model": "random:llama-tiny", "model_overrides": OVERRIDES, "tracking_uri": registry["uri"],
+            "max_context": 256, "max_new_tokens": 16, "dtype": "float32"}
+    spec = ServeSpec.model_validate({**base, "adapters": [f"models:/{registry['name']}@champion",
+                                                          {"uri": str(registry["adapter"]), "name": "local"}]})
+    got = sv.resolve_model(spec)
+    alias = f"{registry['name']}@champion"
+    assert list(got.adapters) == [alias, "local"] and got.adapter is None and got.model == "random:llama-tiny"
+    assert Path(got.adapters[alias], "adapter_model.safetensors").read_bytes() == \
+        Path(registry["adapter"], "adapter_model.safetensors").read_bytes()
+    cfg = sv.engine_config(spec, got)
+    assert cfg["adapters"] == got.adapters and cfg["max_adapters"] == 16 and cfg["runtime_adapters"] is True
+    merged = ServeSpec.model_validate({**base, "adapters": [{"uri": f"models:/{registry['name']}@champion",
+                                                             "name": "best"}], "merge": True})
+    assert merged.served_name == "best"
+    folded = sv.resolve_model(merged)
+    assert folded.adapters == {} and Path(folded.adapter, "adapter_config.json").is_file()
+    assert sv.engine_config(merged, folded)["runtime_adapters"] is False   # nothing to add adapters to
+    # an adapter of another base, or trained with other model overrides, is refused naming its entry
+    other = ServeSpec.model_validate({**base, "model": "random:qwen2-tiny", "adapters": [f"models:/{registry['name']}/1"]})
+    with pytest.raises(ServeSpecError, match=r"adapters\[0\].uri: .* adapts random:llama-tiny, not this deployment's"):
+        sv.resolve_model(other)
+    bare = ServeSpec.model_validate({**base, "model_overrides": {}, "max_context": 64,
+                                     "adapters": [f"models:/{registry['name']}/1"]})
+    with pytest.raises(ServeSpecError, match=r"adapters\[0\].uri: .* was trained with model_overrides"):
+        sv.resolve_model(bare)
 
 
 def test_registry_errors_name_the_field(registry):

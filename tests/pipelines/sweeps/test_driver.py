@@ -64,6 +64,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
             assert key in run.data.metrics, key
         files = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_model.safetensors" in files
+        assert "adapter/peft" in files   # the PEFT export the trainer writes beside it
     # the summary: one row per method, its numbers those of the child runs
     table = out.summary.set_index("method")
     assert sorted(table.index) == ["cla", "lora"] and (table["n_seeds"] == 2).all()

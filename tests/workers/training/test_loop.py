@@ -89,6 +89,8 @@ def test_short_run_reports_every_metric(tmp_path, model, method, max_length, tra
         assert 0 <= metrics["val_accuracy"] <= 1 and metrics["samples_per_s"] > 0 and metrics["peak_mem_mib"] > 50
         assert Path(folder) == tmp_path / f"step-{metrics['step']:06d}"
         assert (Path(folder) / "adapter" / "adapter_config.json").is_file()
+        peft_cfg = json.loads((Path(folder) / "adapter" / "peft" / "adapter_config.json").read_text())
+        assert peft_cfg["peft_type"] == "LORA" and peft_cfg["r"] == cfg.rank   # the PEFT export beside it
         assert json.loads((Path(folder) / "trainer_state.json").read_text())["step"] == metrics["step"]
     assert reports[1][0]["wall_s"] > reports[0][0]["wall_s"]
     assert result["history"] == [m for m, _ in reports]
