@@ -181,7 +181,9 @@ def bench_serve(
     (rate, scheduler, ART): errors (503s apart), output tokens/s over the phases' wall time,
     TTFT, TPOT ((latency - TTFT) / (tokens - 1)) and latency p50/p99, ratios vs static and vs off. A rate is
     sustained when every request was answered at it and below, and p99 latency stays within 2x the lowest
-    rate's; the report names the highest rate static sustains (start --rates at a light load)."""
+    rate's; the report names the highest rate static sustains (start --rates at a light load). With --adapters N:
+    one merged adapter vs N adapters per method mixed in one batch (and one unmerged, and the base), same open
+    loop, both deployments up at once and driven in turn."""
     from pipelines.bench import serve as bs
     from pipelines.progress import bar, console as make_console
 

@@ -43,6 +43,9 @@ def test_examples_validate():
     smol = load_serve_spec(REPO / "examples/serve-smollm2.yaml", port=8123)
     assert smol.served_name == "smollm2-135m" and smol.art == "tuned" and smol.url.endswith(":8123")
     assert smol.host == "127.0.0.1" and smol.api_key is None
+    many = load_serve_spec(REPO / "examples/serve-adapters.yaml")
+    assert many.served_name == "smollm2-135m" and [a.served_name for a in many.adapters] == ["multiemo"]
+    assert many.art == "off" and not many.merge
 
 
 BAD = [  # spec changes, the field path named, what its message must say
