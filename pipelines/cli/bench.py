@@ -302,6 +302,41 @@ def _check_port(spec) -> None:
     check_port_free(spec.host, spec.port)
 
 
+@app.command("kernel")
+def bench_kernel(
+    shape: str = typer.Option("smollm2-135m", help="attention shape (heads, KV heads, head dim) of: smollm2-135m, "
+                              "gemma3-270m, llama3-8b"),
+    contexts: str = typer.Option("4096,16384", help="comma list of cached positions per row"),
+    batch: str = typer.Option("4,16", help="comma list of decode batch sizes"),
+    art: str = typer.Option("tuned,certified,aggressive", help="comma list of ART presets, each optionally with "
+                            "overrides (tuned+tau=3e-3)"),
+    device: str = typer.Option("auto", help="auto (a GPU when one is visible), cpu or cuda"),
+    dtype: str = typer.Option("bfloat16", help="float32 or bfloat16"),
+    rounds: int = typer.Option(3, help="round-robin rounds over the rows"),
+    reps: int = typer.Option(10, help="timed calls per row and round"),
+    sink_nats: float = typer.Option(10.0, help="how far above the background the sinks' scores sit"),
+    recent_nats: float = typer.Option(4.0, help="how far above the background the 8 newest positions' scores sit"),
+    out: Path = typer.Option(Path("bench-results"), help="folder for kernel-<device>.csv/.md/.json"),
+) -> None:
+    """Decode attention alone: torch SDPA vs our kernel walking every block vs ART presets, on CPU or GPU."""
+    from pipelines.bench import kernel as bk
+    from pipelines.progress import bar, console as make_console
+
+    try:
+        cfg = bk.KernelBenchConfig(shape=shape, contexts=ints(contexts, "--contexts"), batches=ints(batch, "--batch"),
+                                   art=names(art), device=device, dtype=dtype, rounds=rounds, reps=reps,
+                                   sink_nats=sink_nats, recent_nats=recent_nats)
+    except bk.ConfigError as e:
+        hint = "--batch" if e.field == "batches" else "--" + e.field.replace("_", "-")
+        raise typer.BadParameter(e.message, param_hint=hint) from None
+    console = make_console(200)
+    with bar(console) as update:
+        rows = bk.run(cfg, update)
+    paths = bk.write(cfg, rows, out)
+    bk.print_report(console, cfg, rows)
+    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['json']}")
+
+
 @app.command("overhead")
 def bench_overhead(
     spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="a sweep spec; its first trial is timed"),

@@ -1,6 +1,7 @@
 """`decode_rows` (decode attention over rows of a KV pool) in every implementation against its definition:
 row i equals `attention.reference.decode_attention` over pool row rows[i], positions [starts[i], lengths[i]),
-with that row's Quest budget. Triton runs under its interpreter here (tests/conftest.py)."""
+with that row's Quest budget. Triton runs compiled on a GPU where there is one, else under its interpreter
+(tests/attention/kernels/on_device.py)."""
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from attention.kernels.dispatch import decode_rows
 from attention.reference import block_key_bounds
 from attention.reference import decode_attention as reference
 from attention.reference import decode_rows as reference_rows
+from tests.attention.kernels.on_device import DEVICE, moved, on_device
 
 FP32 = dict(rtol=1e-4, atol=5e-5)
 BF16 = dict(rtol=1e-2, atol=1e-2)
@@ -92,6 +94,13 @@ SCENARIOS = {"ragged": dict(), "window": dict(window=True),
              "window-quest-bounds": dict(window=True, quest_ratio=0.5, bounds=True)}
 
 
+def rows_with(impl, *args, **kwargs):
+    """`decode_rows` with `impl`, Triton's on its device, the result on the CPU."""
+    if impl == "triton":
+        return on_device(decode_rows, *args, impl=impl, **kwargs)
+    return decode_rows(*args, impl=impl, **kwargs)
+
+
 def run_scenario(impl, cfg, scenario, hq, hkv, t, d, dtype, tol):
     spec = SCENARIOS[scenario]
     q, k, v, rows, lengths, starts, kept = pool_batch(hq=hq, hkv=hkv, t=t, d=d, seed=hq + hkv,
@@ -100,7 +109,7 @@ def run_scenario(impl, cfg, scenario, hq, hkv, t, d, dtype, tol):
     if spec.get("bounds"):
         kwargs["key_bounds"] = pool_bounds(kept, cfg.block_size, rows, lengths)
     want = decode_rows(q, k, v, cfg, impl="reference", **kwargs)
-    got = decode_rows(q, k, v, cfg, impl=impl, **kwargs)
+    got = rows_with(impl, q, k, v, cfg, **kwargs)
     assert_same_rows(got, want, tol)
     return got
 
@@ -149,7 +158,8 @@ def test_triton_walks_big_blocks_in_chunks(max_chunk):
     cfg = ARTConfig(mode="certified", eps=1e-3, block_size=48, min_blocks=1)
     kwargs = dict(lengths=lengths, starts=starts, rows=rows, key_bounds=pool_bounds(kept, 48, rows, lengths))
     want = reference_rows(q, k, v, cfg, **kwargs)
-    assert_same_rows(triton_decode.decode_rows_triton(q, k, v, cfg, max_chunk=max_chunk, **kwargs), want, FP32)
+    got = on_device(triton_decode.decode_rows_triton, q, k, v, cfg, max_chunk=max_chunk, **kwargs)
+    assert_same_rows(got, want, FP32)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpu", "triton"])
@@ -160,9 +170,8 @@ def test_kept_bounds_give_the_same_decisions_as_bounds_from_the_keys(impl, cfg):
     """Without a window the pool's summaries of complete blocks are exactly what the keys give."""
     q, k, v, rows, lengths, _, kept = pool_batch(t=160, seed=3)
     common = dict(lengths=lengths, rows=rows, quest_ratio=0.3)
-    with_kept = decode_rows(q, k, v, cfg, key_bounds=pool_bounds(kept, cfg.block_size, rows, lengths), impl=impl,
-                            **common)
-    from_keys = decode_rows(q, k, v, cfg, impl=impl, **common)
+    with_kept = rows_with(impl, q, k, v, cfg, key_bounds=pool_bounds(kept, cfg.block_size, rows, lengths), **common)
+    from_keys = rows_with(impl, q, k, v, cfg, **common)
     assert_same_rows(with_kept, from_keys, FP32)
     if impl != "reference":   # Quest with bounds from the keys, against the definition
         assert_same_rows(from_keys, reference_rows(q, k, v, cfg, **common), FP32)
@@ -183,10 +192,10 @@ def test_mode_off_walks_every_candidate_block_of_each_row():
     # sink block where the window reaches it, and the newest): 2, 1, 1, 2
     kept = torch.tensor([7, 4, 3, 3])
     for impl in ("reference", "cpu", "triton"):
-        _, visited, candidates = decode_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows, impl=impl)
+        _, visited, candidates = rows_with(impl, q, k, v, cfg, lengths=lengths, starts=starts, rows=rows)
         assert torch.equal(visited, 2 * blocks) and torch.equal(candidates, 2 * blocks)
-        _, visited, candidates = decode_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows,
-                                             quest_ratio=0.5, impl=impl)
+        _, visited, candidates = rows_with(impl, q, k, v, cfg, lengths=lengths, starts=starts, rows=rows,
+                                           quest_ratio=0.5)
         assert torch.equal(visited, 2 * kept) and torch.equal(candidates, 2 * kept)
 
 
@@ -196,7 +205,7 @@ def test_rows_default_to_the_batch_order():
     want = decode_rows(q, k, v, cfg, lengths=lengths, rows=rows, impl="reference")
     k_batch, v_batch = k[rows], v[rows]   # the same rows gathered into batch order
     for impl in ("cpu", "triton"):
-        assert_same_rows(decode_rows(q, k_batch, v_batch, cfg, lengths=lengths, impl=impl), want, FP32)
+        assert_same_rows(rows_with(impl, q, k_batch, v_batch, cfg, lengths=lengths), want, FP32)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpu"])
@@ -256,13 +265,14 @@ def test_triton_planning_makes_no_host_synchronisation(cfg, quest, bounds):
     q, k, v, rows, lengths, starts, kept = pool_batch(t=200, window=True)
     kwargs = dict(lengths=lengths, starts=starts, rows=rows, quest_ratio=quest,
                   key_bounds=pool_bounds(kept, cfg.block_size, rows, lengths) if bounds else None)
+    args, on = moved((q, k, v), DEVICE), moved(kwargs, DEVICE)
     with Watch() as watch:
-        launch = triton_decode.prepare_rows(q, k, v, cfg, **kwargs)
+        launch = triton_decode.prepare_rows(*args, cfg, **on)
     launch.run()   # the interpreter's launch copies to numpy: outside the watch
     with Watch() as finish:
-        got = triton_decode.finish_rows(launch, q)
+        got = triton_decode.finish_rows(launch, args[0])
     assert watch.syncs == [] and finish.syncs == []
-    assert_same_rows(got, reference_rows(q, k, v, cfg, **kwargs), FP32)
+    assert_same_rows(moved(got, "cpu"), reference_rows(q, k, v, cfg, **kwargs), FP32)
 
 
 @pytest.mark.parametrize("impl", ["cpu", "triton"])
@@ -272,13 +282,15 @@ def test_the_pool_is_never_copied(impl):
     cfg = ARTConfig(mode="certified", eps=1e-3, block_size=32)
     kwargs = dict(lengths=lengths, starts=starts, rows=rows, quest_ratio=0.3,
                   key_bounds=pool_bounds(kept, 32, rows, lengths))
+    device = DEVICE if impl == "triton" else torch.device("cpu")
+    args, on = moved((q, k, v), device), moved(kwargs, device)
     with Watch() as watch:
         if impl == "cpu":
-            got = decode_rows(q, k, v, cfg, impl="cpu", **kwargs)
+            got = decode_rows(*args, cfg, impl="cpu", **on)
         else:
-            launch = triton_decode.prepare_rows(q, k, v, cfg, **kwargs)
+            launch = triton_decode.prepare_rows(*args, cfg, **on)
     if impl == "triton":
         launch.run()
-        got = triton_decode.finish_rows(launch, q)
+        got = moved(triton_decode.finish_rows(launch, args[0]), "cpu")
     assert 0 < watch.largest < k[0].numel()   # less than one pool row, let alone all 40
     assert_same_rows(got, reference_rows(q, k, v, cfg, **kwargs), FP32)

@@ -1,5 +1,5 @@
-"""The Triton ART kernel against the reference (on CPU under the Triton interpreter, which
-tests/conftest.py switches on when there is no GPU)."""
+"""The Triton ART kernel against the reference: compiled on a GPU where there is one, else on the CPU under
+the Triton interpreter (tests/conftest.py)."""
 import warnings
 from unittest.mock import patch
 
@@ -12,6 +12,7 @@ from attention.kernels import dispatch, triton_decode
 from attention.kernels.dispatch import resolve
 from attention.kernels.triton_decode import decode_attention_triton
 
+from tests.attention.kernels.on_device import on_device
 from tests.attention.test_reference import exact, inputs, ragged
 
 CONFIGS = [ARTConfig(mode="off"), ARTConfig(tau=0.0, phi=0.0, block_size=32),
@@ -26,7 +27,7 @@ def test_kernel_matches_reference(cfg, hq, hkv, peaked):
     q, k, v = inputs(hq=hq, hkv=hkv, t=700, d=32, peaked=peaked, seed=3)
     lengths, _ = ragged(3, 700)
     want, ref = decode_attention(q, k, v, cfg, lengths=lengths)
-    got, stats = decode_attention_triton(q, k, v, cfg, lengths=lengths)
+    got, stats = on_device(decode_attention_triton, q, k, v, cfg, lengths=lengths)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
     assert torch.equal(stats.visited_blocks, ref.visited_blocks)
     assert torch.equal(stats.visited_mask, ref.visited_mask)
@@ -39,7 +40,7 @@ def test_kernel_matches_reference(cfg, hq, hkv, peaked):
 def test_splits_combine_exactly_when_nothing_stops(splits):
     q, k, v = inputs(t=900, d=32, seed=4)
     lengths, valid = ragged(3, 900)
-    got, stats = decode_attention_triton(q, k, v, ARTConfig(tau=0.0, phi=0.0, block_size=32), lengths=lengths,
+    got, stats = on_device(decode_attention_triton, q, k, v, ARTConfig(tau=0.0, phi=0.0, block_size=32), lengths=lengths,
                                          num_splits=splits)
     torch.testing.assert_close(got.double(), exact(q, k, v, valid)[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(stats.visited_blocks, stats.candidate_blocks)
@@ -54,7 +55,7 @@ def test_any_block_size_is_padded_and_masked_in_the_kernel(block_size, max_chunk
     want, ref = decode_attention(q, k, v, cfg, lengths=lengths)
     with patch.object(triton_decode, "MAX_CHUNK", max_chunk):
         assert triton_decode._chunking(block_size)["N_CHUNKS"] == chunks
-        got, stats = decode_attention_triton(q, k, v, cfg, lengths=lengths)
+        got, stats = on_device(decode_attention_triton, q, k, v, cfg, lengths=lengths)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
     assert torch.equal(stats.visited_mask, ref.visited_mask)
     assert torch.equal(stats.stop_reason, ref.stop_reason)
@@ -81,6 +82,6 @@ def test_kernel_matches_reference_under_a_quest_budget(mode):
     lengths, _ = ragged(3, 800)
     cfg = ARTConfig(mode=mode, tau=1e-3, phi=1e-2, patience=2, eps=1e-3, block_size=32)
     want, ref = decode_attention(q, k, v, cfg, lengths=lengths, block_budget=8)
-    got, stats = decode_attention_triton(q, k, v, cfg, lengths=lengths, block_budget=8)
+    got, stats = on_device(decode_attention_triton, q, k, v, cfg, lengths=lengths, block_budget=8)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
     assert torch.equal(stats.visited_mask, ref.visited_mask) and (stats.candidate_blocks == 8).all()

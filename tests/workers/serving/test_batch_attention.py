@@ -1,7 +1,7 @@
 """workers.serving.batch_attention: one packed step of decode rows (ragged, mixed ART settings) and a
 prefill chunk through a tiny random Llama, against the same step with the reference kernel, and the
-step's per-layer work watched for host-synchronising calls (the Triton path, as a GPU runs it; the
-interpreter's own launch is outside the watch)."""
+step's per-layer work watched for host-synchronising calls (the Triton path, compiled on a GPU where
+there is one; the interpreter's own launch is outside the watch)."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +9,7 @@ import torch
 
 from attention import ARTConfig
 from attention.kernels import triton_decode
+from tests.attention.kernels.on_device import DEVICE
 from tests.attention.kernels.test_rows import Watch
 from workers.data.assets import load_model
 from workers.serving import batch_attention
@@ -29,8 +30,8 @@ def model():
     model.config._attn_implementation = previous
 
 
-def filled_pool(lengths: list[int], slots: int = 5) -> KVPool:
-    pool = KVPool(LAYERS, KV_HEADS, HEAD_DIM, slots, 256, torch.float32, torch.device("cpu"))
+def filled_pool(lengths: list[int], slots: int = 5, device=torch.device("cpu")) -> KVPool:
+    pool = KVPool(LAYERS, KV_HEADS, HEAD_DIM, slots, 256, torch.float32, device)
     pool.track_blocks(16)
     gen = torch.Generator().manual_seed(0)
     for slot, n in enumerate(lengths):
@@ -40,21 +41,29 @@ def filled_pool(lengths: list[int], slots: int = 5) -> KVPool:
 
 
 def step(model, impl: str, watch: Watch | None = None):
-    """Three decode rows (two ART groups, ragged) and a 20-token chunk at position 30 of slot 4."""
+    """Three decode rows (two ART groups, ragged) and a 20-token chunk at position 30 of slot 4; Triton's on
+    its device (the logits and block counts come back on the CPU)."""
+    dev = DEVICE if impl == "triton" else torch.device("cpu")
     lengths = [70, 33, 120]
-    pool = filled_pool(lengths + [0, 30])
+    pool = filled_pool(lengths + [0, 30], device=dev)
     before = pool.lengths[:, :3].clone()
-    groups = [DecodeGroup(ARTS[0], 0.0, [0, 2], torch.tensor([0, 2])), DecodeGroup(ARTS[1], 0.0, [1], torch.tensor([1]))]
+    groups = [DecodeGroup(ARTS[0], 0.0, [0, 2], torch.tensor([0, 2], device=dev)),
+              DecodeGroup(ARTS[1], 0.0, [1], torch.tensor([1], device=dev))]
     plan = StepBatch(pool, [0, 1, 2], before, groups, [PrefillChunk(4, 30, 20, 3)], impl=impl)
-    ids = torch.randint(10, 200, (1, 23), generator=torch.Generator().manual_seed(1))
-    positions = torch.tensor([lengths + list(range(30, 50))])
-    with torch.no_grad(), batch_attention.running(plan):
-        if watch is None:
-            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-        else:
-            with watch:
+    ids = torch.randint(10, 200, (1, 23), generator=torch.Generator().manual_seed(1)).to(dev)
+    positions = torch.tensor([lengths + list(range(30, 50))], device=dev)
+    model.to(dev)
+    try:
+        with torch.no_grad(), batch_attention.running(plan):
+            if watch is None:
                 logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-    return logits[0], plan
+            else:
+                with watch:
+                    logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    finally:
+        model.to("cpu")
+    plan.visited, plan.candidates = plan.visited.cpu(), plan.candidates.cpu()
+    return logits[0].cpu(), plan
 
 
 class LaunchAside(Watch):
