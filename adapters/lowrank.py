@@ -70,11 +70,12 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return getattr(module, "base_layer", module)
 
 
-def _base_weight(model: nn.Module, name: str) -> torch.Tensor:
+def base_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The (n, m) pretrained weight of target `name` in the unmodified model (a GPT-2 `c_attn.q` part is a
-    slice of the fused Conv1D, whose weight is (m, 3d))."""
+    slice of the fused Conv1D, whose weight is (m, 3d); a whole Conv1D's weight comes transposed)."""
     try:
-        return _unwrapped(model.get_submodule(name)).weight
+        module = _unwrapped(model.get_submodule(name))
+        return module.weight.t() if hasattr(module, "nf") else module.weight
     except AttributeError:
         pass
     parent, _, part = name.rpartition(".")
@@ -203,7 +204,7 @@ def read_factors(path: str | Path, model: nn.Module) -> tuple[AdapterConfig, dic
     per_target = {}
     for name in meta["modules"]:
         try:
-            w0 = _base_weight(model, name)
+            w0 = base_weight(model, name)
         except AttributeError:
             raise ValueError(f"{path}: module {name!r} of the adapter is not in this {type(model).__name__}") from None
         states = []

@@ -92,6 +92,9 @@ SWEEP_FIELDS = {
                        "`epochs` needs it set)",
     "max_concurrent": "trials running at once",
     "max_failures": "retries of a failed trial before it counts as failed (Ray Train's `FailureConfig`)",
+    "analysis": "the Beyond-LoRA analyses of every trial, on its worker (docs/analysis.md): `gap` (test minus "
+                "train loss, both in eval mode, at every evaluation), `bounds`, `spectrum`, `intruders`, "
+                "`landscape` (at the end, logged as `analysis/...` metrics and CSV + PNG artifacts)",
 }
 
 SERVE_FIELDS = {

@@ -1,5 +1,5 @@
 """The `sparta` command line: one module per command group (sweep, serve, eval, bench), the main job
-(`sparta run`) and the MLflow UI (`sparta ui`)."""
+(`sparta run`), the analyses of a sweep (`sparta analyze`) and the MLflow UI (`sparta ui`)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # its store notices a
 
 import typer  # noqa: E402
 
-from pipelines.cli import bench, eval, run, serve, sweep, ui  # noqa: E402
+from pipelines.cli import analyze, bench, eval, run, serve, sweep, ui  # noqa: E402
 
 app = typer.Typer(help="sparta: parameter-efficient fine-tuning sweeps and ART-accelerated serving.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
@@ -21,3 +21,4 @@ app.add_typer(eval.app, name="eval")
 app.add_typer(bench.app, name="bench")
 app.command("run")(run.command)
 app.command("ui")(ui.ui)
+app.command("analyze")(analyze.command)

@@ -26,6 +26,7 @@ from pipelines.sweeps import summary as summ
 log = logging.getLogger(__name__)
 
 ADAPTER_ARTIFACT = "adapter"            # where a trial's adapter folder lies in its run's artifacts
+ANALYSIS_ARTIFACT = "analysis"          # and its analyses' CSV + PNG files (beside the adapter in the checkpoint)
 
 
 @dataclass

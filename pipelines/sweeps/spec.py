@@ -28,6 +28,8 @@ from pipelines.spec_fields import (FieldError, Section, SpecError, check_model, 
                                    resolve_path, validation_errors)
 from workers.training.deepspeed_setup import check_deepspeed
 
+# The Beyond-LoRA analyses a trial can run (workers.training.analysis.ANALYSES; a test keeps them equal).
+Analysis = Literal["gap", "bounds", "spectrum", "intruders", "landscape"]
 # The hyper-parameters a search may vary, in the order they appear in trials and trial keys.
 HYPERPARAMS = ("lr", "rank", "alpha", "chain_segments", "lora_plus_ratio", "weight_decay")
 DATA_SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -388,11 +390,17 @@ class SweepSpec(Section):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     max_concurrent: int = Field(1, ge=1)
     max_failures: int = Field(1, ge=0)
+    analysis: list[Analysis] = Field(default_factory=list)
 
     @field_validator("models", "methods", "seeds")
     @classmethod
     def _nonempty_unique(cls, values: list, info: ValidationInfo) -> list:
         return _unique(values, info.field_name.rstrip("s"))
+
+    @field_validator("analysis")
+    @classmethod
+    def _analyses_unique(cls, values: list) -> list:
+        return _unique(values, "analysis") if values else values
 
     @field_validator("models")
     @classmethod
@@ -513,6 +521,7 @@ class SweepSpec(Section):
             "precision": t.precision,
             "framing": self.framing(trial["model"]),
             "deepspeed": self.deepspeed_config(),
+            "analysis": list(self.analysis),
         }
 
     def framing(self, model: str) -> Literal["classification", "generation"]:

@@ -32,6 +32,13 @@ COLUMNS = ["model", "dataset", "method", "metric", "n_seeds", "test_mean", "test
            "n_failed", "n_configs"]
 _FLOAT_COLUMNS = ["test_mean", "test_std", "val_mean", "val_std", "val_loss_mean", "wall_s_mean",
                   "samples_per_s_mean", "peak_mem_mib_mean"]
+# The Beyond-LoRA analyses' columns (mean over seeds), present when some trial ran that analysis: column ->
+# (the trial's final metric, its header in the displayed table, its format).
+ANALYSIS_COLUMNS = {"gap_mean": ("gap", "gap", ".4f"),
+                    "bound_term": ("analysis/bound_term", "bound", ".3g"),
+                    "intruders_mean": ("analysis/intruders_eps0.5", "intruders@0.5", ".2f"),
+                    "effective_rank_mean": ("analysis/effective_rank_mean", "eff. rank", ".2f"),
+                    "sharpness_mean": ("analysis/landscape_merged_sharpness", "sharpness", ".3g")}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -104,6 +111,7 @@ def _stats(trials: list[dict], metric: str) -> dict[str, Any]:
         "peak_mem_mib_mean": _mean([_num(f.get("peak_mem_mib")) for f in finals]),
         # The same for every seed of a configuration; the largest if they ever differ.
         "trainable_params": int(max(trainable)) if trainable else None,
+        **{col: _mean([_num(f.get(name)) for f in finals]) for col, (name, _, _) in ANALYSIS_COLUMNS.items()},
     }
 
 
@@ -181,12 +189,13 @@ def summary_table(trials: list[dict]) -> pd.DataFrame:
         row["n_failed"] = len(group) - len(ok)
         row["n_configs"] = n_configs
         rows.append(row)
-    df = pd.DataFrame(rows, columns=COLUMNS + hparams)
+    analyses = [c for c in ANALYSIS_COLUMNS if any(not _is_nan(r.get(c)) for r in rows)]
+    df = pd.DataFrame(rows, columns=COLUMNS + analyses + hparams)
     df["n_seeds"] = df["n_seeds"].astype("int64")
     df["n_failed"] = df["n_failed"].astype("int64")
     df["n_configs"] = df["n_configs"].astype("int64")
     df["trainable_params"] = df["trainable_params"].astype("Int64")
-    for c in _FLOAT_COLUMNS:
+    for c in _FLOAT_COLUMNS + analyses:
         df[c] = df[c].astype("float64")
     for k in hparams:
         dtype = _hparam_dtype(list(df[k]))
@@ -276,7 +285,9 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     test_h, val_h = (f"test {one}", f"val {one}") if one else ("test", "val")
     show_config = bool((df["n_configs"] > 1).any()) if len(df) else False
     show_failed = bool((df["n_failed"] > 0).any()) if len(df) else False
+    analyses = {c: ANALYSIS_COLUMNS[c] for c in ANALYSIS_COLUMNS if c in df.columns}
     cols = ["seeds", test_h, val_h, "wall s", "samples/s", "peak MiB", "trainable"]
+    cols += [header for _, header, _ in analyses.values()]
     cols += ["failed"] * show_failed + ["config"] * show_config
     out.update({c: [] for c in cols})
     for _, r in df.iterrows():
@@ -292,6 +303,8 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
         out["samples/s"].append(_fmt(r["samples_per_s_mean"], ".1f"))
         out["peak MiB"].append(_fmt(r["peak_mem_mib_mean"], ".0f"))
         out["trainable"].append(_fmt(r["trainable_params"], ","))
+        for c, (_, header, spec) in analyses.items():
+            out[header].append(_fmt(r[c], spec))
         if show_failed:
             out["failed"].append(str(int(r["n_failed"])))
         if show_config:

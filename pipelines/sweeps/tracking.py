@@ -30,7 +30,7 @@ from pipelines.mlflow_store import (DEFAULT_EXPERIMENT, ROLE_TAG, decode_param, 
                                     log_metrics, log_params, now_ms, number, plain, resolve_tracking_uri,
                                     search_all, sparta_version)
 from pipelines.sweeps import summary as summ
-from pipelines.sweeps.registry import ADAPTER_ARTIFACT, RegisteredAdapter, register_best
+from pipelines.sweeps.registry import ADAPTER_ARTIFACT, ANALYSIS_ARTIFACT, RegisteredAdapter, register_best
 from workers.training.trial import NODE_KEY
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ class SweepTracker:
                   adapter_dir: str | os.PathLike | None = None, status: str = "FINISHED", *,
                   error: str | None = None) -> str:
         """One child run under the sweep: every param, every metric of every eval at its step, the final
-        metrics (as "final/<name>"), tags, the adapter folder under "adapter". Returns its run id.
+        metrics (as "final/<name>"), tags, the adapter folder under "adapter" and, beside it in the checkpoint,
+        the analyses' files under "analysis". Returns its run id.
 
         `status` is FINISHED, FAILED or KILLED (Ray's TERMINATED / ERROR are read as the first two).
         """
@@ -195,6 +196,9 @@ class SweepTracker:
             if adapter_dir is not None:
                 if Path(adapter_dir).is_dir():
                     self.client.log_artifacts(run_id, str(adapter_dir), ADAPTER_ARTIFACT)
+                    analysis = Path(adapter_dir).parent / ANALYSIS_ARTIFACT   # the trial's analyses, if it ran any
+                    if analysis.is_dir():
+                        self.client.log_artifacts(run_id, str(analysis), ANALYSIS_ARTIFACT)
                 else:
                     log.warning("trial %s: adapter folder %s does not exist; not logged", key, adapter_dir)
                     self.client.set_tag(run_id, "sparta.adapter_missing", str(adapter_dir))

@@ -36,6 +36,8 @@ from workers.hardware import PRECISIONS, resolve_device, resolve_precision
 from workers.training.deepspeed_setup import chain_step, check_deepspeed, engine_config
 from workers.data.datasets import TASKS, ByteTokenizer, ClassificationFraming, GenerationFraming, load_task
 from workers.data.tables import load_table_task
+from workers.training.analysis import check_analyses
+from workers.training.analysis import analyze as analyze_adapter
 from workers.training.metrics import MAIN_METRIC, classification_scores, peak_memory_mib
 
 Report = Callable[[dict[str, Any], str], None]
@@ -73,6 +75,11 @@ class TrainConfig:
     deepspeed: the DeepSpeed config; the micro-batch, bf16 flag, "zero_allow_untested_optimizer" and
         a quiet "steps_per_print" are filled in. ZeRO stages 0-2; no "optimizer" section (the loop
         builds AdamW from the adapter's groups); fp16 is not offered.
+    analysis: the Beyond-LoRA analyses (`workers.training.analysis.ANALYSES`). "gap": every evaluation also
+        measures the loss on a fixed slice of the training split (as many examples as validation), in eval
+        mode, and reports `train_eval_loss` and `gap` = test_loss - train_eval_loss. The others run once at
+        the end on rank 0 over the final adapter, report "analysis/..." metrics and write CSV + PNG files
+        into the final checkpoint's `analysis/` folder.
     """
 
     model: str
@@ -98,6 +105,7 @@ class TrainConfig:
     framing: str = "auto"
     split_seed: int = 0
     deepspeed: dict = field(default_factory=dict)
+    analysis: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.adapter_config()   # validates method, rank, alpha, ...
@@ -124,6 +132,10 @@ class TrainConfig:
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         try:
+            object.__setattr__(self, "analysis", check_analyses(self.analysis))
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.analysis: {e}") from None
+        try:
             check_deepspeed(self.deepspeed, self.batch_size, self.precision)
         except ValueError as e:
             raise ValueError(f"TrainConfig.deepspeed: {e}") from None
@@ -136,6 +148,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["targets"] = list(self.targets) if isinstance(self.targets, tuple) else self.targets
+        d["analysis"] = list(self.analysis)
         return d
 
 
@@ -176,14 +189,10 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
             else load_task(cfg.dataset, seed=cfg.split_seed))
     val = task.validation[:cfg.eval_examples]
     test = task.test[:cfg.eval_examples]
+    train_fixed = task.train[:len(val)]   # the gap's training loss: a fixed slice, measured like the test loss
     framing = resolve_framing(cfg)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    if framing == "generation":
-        model, tok = load_model(cfg.model, task="causal_lm", dtype=dtype)
-        frame = GenerationFraming(tok or ByteTokenizer(), task, cfg.max_length)
-    else:
-        model, tok = load_model(cfg.model, task="classification", num_labels=task.num_labels, dtype=dtype)
-        frame = ClassificationFraming(tok or ByteTokenizer(), cfg.max_length)
+    model, frame = build_model(cfg, task, framing, dtype)
     # On resume the adapter file replays the finished chain segments (their merges into W0) exactly.
     handle = adapters.load(model, resume / "adapter") if resume else adapters.apply(model, cfg.adapter_config())
     optimizer = torch.optim.AdamW(handle.param_groups(lr=cfg.lr, weight_decay=cfg.weight_decay))
@@ -234,6 +243,11 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
         if state["step"] == total_steps or (cfg.eval_every and state["step"] % cfg.eval_every == 0):
             train_loss = _mean_over_workers(losses, engine.device)
             scores = evaluate_all()
+            if "gap" in cfg.analysis:
+                eval_batch = cfg.eval_batch_size or cfg.batch_size
+                scores["train_eval_loss"] = evaluate(engine, frame, train_fixed, task.num_labels, eval_batch,
+                                                     loss_only=True)["loss"]
+                scores["gap"] = scores["test_loss"] - scores["train_eval_loss"]
             engine.train()
             metrics = {
                 "step": state["step"],
@@ -252,6 +266,13 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
             state["wall_s"] = metrics["wall_s"]
             folder = _save_checkpoint(root / f"step-{state['step']:06d}", cfg, handle, engine, state, rank)
             state["adapter_dir"] = str(folder / "adapter")
+            final_analyses = [a for a in cfg.analysis if a != "gap"]
+            if state["step"] == total_steps and final_analyses and rank == 0:
+                metrics.update(analyze_adapter(
+                    folder / "adapter", lambda: build_model(cfg, task, framing, dtype)[0], final_analyses,
+                    n_train=len(task.train), out=folder / "analysis",
+                    losses=lambda m, split: fixed_loss(m, frame, train_fixed if split == "train" else test,
+                                                       cfg.eval_batch_size or cfg.batch_size)))
             if report is not None:
                 report(metrics, str(folder))
             losses, train_s = [], 0.0
@@ -260,13 +281,52 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
             "initial": state["initial"]}
 
 
+def build_model(cfg: TrainConfig, task, framing: str, dtype: torch.dtype):
+    """(the pretrained model, its framing of the task's examples) for `cfg`, with no adapter yet."""
+    if framing == "generation":
+        model, tok = load_model(cfg.model, task="causal_lm", dtype=dtype)
+        return model, GenerationFraming(tok or ByteTokenizer(), task, cfg.max_length)
+    model, tok = load_model(cfg.model, task="classification", num_labels=task.num_labels, dtype=dtype)
+    return model, ClassificationFraming(tok or ByteTokenizer(), cfg.max_length)
+
+
 # -- evaluation ------------------------------------------------------------------------------------
+def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[float, int]:
+    """(summed cross-entropy, what it sums over): per example for classification, per label token for
+    generation (whose logits and labels cover the last positions only: GenerationFraming.batch)."""
+    if kind == "classification":
+        return F.cross_entropy(logits, labels, reduction="sum").item(), len(labels)
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="sum").item()
+    return loss, int((target != -100).sum())
+
+
 @torch.no_grad()
-def evaluate(engine, frame, examples, num_labels: int, batch_size: int) -> dict[str, float]:
+def fixed_loss(model, frame, examples, batch_size: int) -> float:
+    """The mean loss of `model` on `examples` in eval mode, in this process alone (evaluate's loss, unsharded):
+    what the analyses compare between weights."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = _to(frame.batch(examples[i:i + batch_size]), device)
+            labels = batch.pop("labels")
+            loss, n = _loss_sum(model(**batch).logits.float(), labels, frame.kind)
+            total, count = total + loss, count + n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(engine, frame, examples, num_labels: int, batch_size: int, loss_only: bool = False) -> dict[str, float]:
     """Loss and task scores on `examples`, sharded over the workers and gathered.
 
     Classification: mean cross-entropy per example, predictions by argmax. Generation: mean
     cross-entropy per label token (teacher-forced), predictions by greedy generation of the label.
+    loss_only: {"loss": ...} alone (no predictions, no generation).
     """
     model = engine.module
     model.eval()
@@ -278,16 +338,13 @@ def evaluate(engine, frame, examples, num_labels: int, batch_size: int) -> dict[
         batch = _to(frame.batch(chunk), engine.device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
+        loss, n = _loss_sum(logits, labels, frame.kind)
+        loss_sum, count = loss_sum + loss, count + n
+        if loss_only:
+            continue
         if frame.kind == "classification":
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            count += len(chunk)
             preds += logits.argmax(-1).tolist()
         else:
-            # logits and labels cover the last positions only (GenerationFraming.batch); shift by one
-            target = labels[:, 1:]
-            loss_sum += F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
-                                        reduction="sum").item()
-            count += int((target != -100).sum())
             prompts = _to(frame.prompts(chunk), engine.device)
             out = model.generate(**prompts, generation_config=tf.GenerationConfig(
                 max_new_tokens=frame.max_new_tokens, do_sample=False, pad_token_id=frame.tok.pad_token_id,
@@ -296,6 +353,9 @@ def evaluate(engine, frame, examples, num_labels: int, batch_size: int) -> dict[
         truth += [e.label for e in chunk]
     if world > 1:
         loss_sum, count = _sum_over_workers([loss_sum, float(count)], engine.device)
+    if loss_only:
+        return {"loss": loss_sum / max(count, 1)}
+    if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, (preds, truth))
         preds = [p for g in gathered for p in g[0]]

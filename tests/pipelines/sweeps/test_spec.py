@@ -227,6 +227,8 @@ BAD = [
     ({"experiment": ""}, "experiment", ["at least 1 character"]),
     ({"experiment": None}, "experiment", ["string"]),
     ({"mlflow": "x"}, "mlflow", ["unknown field", "experiment", "max_failures"]),
+    ({"analysis": ["gap", "hessian"]}, "analysis[1]", ["'gap'", "'bounds'", "'landscape'"]),
+    ({"analysis": ["bounds", "bounds"]}, "analysis[1]", ["duplicate analysis"]),
 ]
 
 
@@ -415,3 +417,15 @@ def test_validation_is_light_and_fast():
     assert result["rejected"] is True
     assert result["after"] == []         # nor does validating and expanding (Ray, MLflow, DeepSpeed)
     assert result["warm"] < 1.0
+
+
+def test_analysis_reaches_every_trial_and_names_what_the_worker_runs():
+    import typing
+
+    from pipelines.sweeps.spec import Analysis
+    from workers.training.analysis import ANALYSES
+
+    assert typing.get_args(Analysis) == ANALYSES
+    assert validate().analysis == []
+    parsed = validate(analysis=["bounds", "gap"])
+    assert all(parsed.trial_config(t)["analysis"] == ["bounds", "gap"] for t in parsed.trials())

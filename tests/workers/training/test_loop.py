@@ -15,9 +15,10 @@ import transformers as tf
 from safetensors.torch import load_file
 
 import deepspeed
+import adapters
 from adapters import apply
 from workers.data.assets import load_model, resolve_model_path
-from workers.data.datasets import ByteTokenizer, Example, GenerationFraming, load_task
+from workers.data.datasets import ByteTokenizer, ClassificationFraming, Example, GenerationFraming, load_task
 from workers.training.metrics import classification_scores
 from workers.training.deepspeed_setup import adapter_masters, chain_step, engine_config
 from workers.training.loop import (TrainConfig, _init_distributed,
@@ -96,6 +97,35 @@ def test_short_run_reports_every_metric(tmp_path, model, method, max_length, tra
     assert result["history"] == [m for m, _ in reports]
     assert {k: result[k] for k in keys} == reports[-1][0]
     assert result["adapter_dir"] == str(tmp_path / "step-000004" / "adapter")
+
+
+def test_analysis_gap_at_every_evaluation_and_the_rest_at_the_end(tmp_path):
+    """"gap": the fixed training slice's loss beside the test loss at each evaluation; the others once, at the
+    end, on the final adapter: metrics in the last report and files in its checkpoint's analysis/ folder."""
+    from adapters.analysis import bound_terms
+    from workers.training.loop import fixed_loss
+
+    cfg = tiny(model="random:bert-tiny", method="cla", analysis=("gap", "bounds", "spectrum", "intruders"),
+               precision="fp32")   # the loss is recomputed below in fp32
+    result, reports = run(cfg, tmp_path)
+    for metrics, _ in reports:
+        assert metrics["gap"] == pytest.approx(metrics["test_loss"] - metrics["train_eval_loss"])
+        assert metrics["train_eval_loss"] != metrics["train_loss"]   # eval mode on fixed examples, not the running loss
+    first, last = reports[0][0], reports[-1][0]
+    assert not any(k.startswith("analysis/") for k in first)
+    assert last["analysis/bound_term"] == pytest.approx(
+        bound_terms("cla", [(32, 32), (32, 32)] * 2, rank=4, n_examples=BINARY_TRAIN, bits=32).term)
+    assert 1 <= last["analysis/effective_rank_mean"] <= 4
+    assert set(p.name for p in (Path(reports[-1][1]) / "analysis").iterdir()) == {
+        "spectrum.csv", "spectrum.png", "intruders.csv", "intruders.png"}
+    assert result["analysis/bound_term"] == last["analysis/bound_term"]
+    # the gap's training loss is the final model's fixed_loss over the first len(validation) training examples
+    torch.manual_seed(cfg.seed)   # the random base, as the loop draws it
+    model, tok = load_model("random:bert-tiny", task="classification", num_labels=2)
+    adapters.load(model, result["adapter_dir"])
+    frame = ClassificationFraming(tok or ByteTokenizer(), cfg.max_length)
+    train_fixed = load_task("multiemo-binary").train[:8]
+    assert fixed_loss(model, frame, train_fixed, 4) == pytest.approx(last["train_eval_loss"], rel=1e-5)
 
 
 def test_epochs_set_the_step_count_and_the_last_report(tmp_path):
@@ -350,6 +380,7 @@ def test_auto_precision_is_what_this_machine_runs_natively(tmp_path):
     (dict(precision="fp16"), "precision"),
     (dict(method="dora"), "unknown method"),
     (dict(dataset="sst2"), "unknown task"),
+    (dict(analysis=("gap", "hessian")), "TrainConfig.analysis: unknown analysis 'hessian'; valid: gap, bounds"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
