@@ -2,7 +2,9 @@
 
 For every finished trial of the sweep (the experiment's newest, or the parent run given by id): download its
 adapter from MLflow, rebuild its model and data from the sweep's logged spec, run the analyses
-(`workers.training.analysis.analyze`) and log their metrics and files to the trial's own run. Then the report
+(`workers.training.analysis.analyze`) and log their metrics and files to the trial's own run. What is not
+rerun is read from what the trial logged itself (a sweep with `analysis:`), so `--analyses bounds` after
+such a sweep only adds the report. Then the report
 over all trials (pipelines.analysis.report: accuracy and 𝒢 tables, bound order vs measured 𝒢, intruder curves,
 landscape panels) goes to the parent run as markdown + PNG artifacts under "analysis-report", and to `out`.
 """
@@ -26,6 +28,7 @@ from pipelines.sweeps.spec import load_spec
 from pipelines.sweeps.tracking import FINAL_PREFIX, latest_sweep_run_id, load_trials
 
 REPORT_ARTIFACT = "analysis-report"
+LANDSCAPE_LINE = "landscape-merged-1d.csv"   # the report's landscape panels: each trial's 1-D merged slice
 DEFAULT_ANALYSES = ("gap", "bounds", "spectrum", "intruders", "landscape")
 
 
@@ -108,6 +111,15 @@ def trials_frame(trials: list[dict]) -> tuple[pd.DataFrame, str]:
     return df.astype({c: "float64" for c in df.columns if c not in ("model", "dataset", "method", "seed")}), metric
 
 
+def logged_file(client: MlflowClient, run_id: str, artifact: str, into: Path) -> Path | None:
+    """A run's logged artifact file, downloaded into `into`, or None where the run has none."""
+    folder, _, name = artifact.rpartition("/")
+    if name not in {Path(f.path).name for f in client.list_artifacts(run_id, folder)}:
+        return None
+    into.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, artifact, str(into)))
+
+
 def plot_landscapes(curves: dict[tuple[str, str, str], list[pd.DataFrame]], path: Path) -> Path:
     """One panel per (model, dataset): the 1-D training-loss slice around each method's merged weights (mean over
     seeds)."""
@@ -151,8 +163,10 @@ def run(cfg: AnalyzeConfig, out: Path, progress: Callable[[str, int, int], None]
             progress(f"analyzing {key}", i, len(trials))
             scratch = Path(tmp) / f"trial-{i}"
             trial["final"].update(analyze_trial(client, spec, trial, cfg, scratch))
-            line = scratch / "analysis" / "landscape-merged-1d.csv"
-            if line.exists():
+            line = scratch / "analysis" / LANDSCAPE_LINE
+            if not line.exists():   # not rerun: the one the trial itself logged, if it ran the landscape
+                line = logged_file(client, trial["run_id"], f"{ANALYSIS_ARTIFACT}/{LANDSCAPE_LINE}", scratch / "logged")
+            if line is not None and line.exists():
                 p = trial["params"]
                 curves.setdefault((p["model"], p["dataset"], p["method"]), []).append(pd.read_csv(line))
         progress("writing the report", len(trials), len(trials))

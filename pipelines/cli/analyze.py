@@ -42,6 +42,6 @@ def command(
     except ValueError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
-    console.print(result["markdown"])
+    console.print(result["markdown"], markup=False, highlight=False)   # "![name](file)" is not rich markup
     console.print(f"{result['trials']} trials analyzed; report in {out} and in run {result['parent_run_id']}'s "
                   f"artifacts (analysis-report/)")

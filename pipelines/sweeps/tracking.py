@@ -237,11 +237,21 @@ class SweepTracker:
         adapter per model x dataset, and end the parent run with `status`.
 
         `trials` defaults to those given to `log_trial`; trials given here are matched to their child
-        runs by "run_id" or params["trial_key"].
+        runs by "run_id" or params["trial_key"]. Trials that have not ended (Ray's RUNNING, PENDING, PAUSED:
+        the sweep was interrupted, its state saved for `sparta sweep resume`) are left out, and the sweep's run
+        ends KILLED rather than `status`.
         """
         self._require_open()
         status = _status(status)
-        trials = self._with_run_ids(self.trials if trials is None else trials)
+        given = self.trials if trials is None else trials
+        unended = [t for t in given if str(t.get("status", "FINISHED")).upper() not in _STATUS]
+        if unended:
+            status = "KILLED"
+            log.warning("the sweep was interrupted with %d trial(s) not finished (%s); the summary covers the %d "
+                        "that ended; `sparta sweep resume` runs the rest", len(unended),
+                        ", ".join(str((t.get("params") or {}).get("trial_key")) for t in unended[:5]),
+                        len(given) - len(unended))
+        trials = self._with_run_ids([t for t in given if t not in unended])
         try:
             df = summ.summary_table(trials)
             with tempfile.TemporaryDirectory() as tmp:

@@ -63,15 +63,18 @@ class Landscape:
 
     def curvature(self) -> float | None:
         """(L(h) - 2 L(0) + L(-h)) / h^2 at the centre of a 1-D slice on a uniform grid symmetric about 0 (None
-        for other slices)."""
+        for other slices): the second derivative along d1, d1^T H d1 for a quadratic."""
         a = self.alphas
-        if self.dims != 1 or len(a) < 3 or len(a) % 2 == 0 or a[len(a) // 2] != 0:
+        c = len(a) // 2
+        if self.dims != 1 or len(a) < 3 or len(a) % 2 == 0:
             return None
-        h = a[len(a) // 2 + 1] - a[len(a) // 2]
+        h = (a[c + 1] - a[c - 1]) / 2   # both neighbours: linspace's rounding leaves steps unequal in the last bit
         steps = [a[i + 1] - a[i] for i in range(len(a) - 1)]
-        if max(steps) - min(steps) > 1e-9 * max(abs(h), 1e-30):
+        tol = 1e-9 * abs(h)
+        if h <= 0 or abs(a[c]) > tol or max(steps) - min(steps) > tol:
             return None
-        row, c = self.losses[0], len(a) // 2
+        # L(0) is center_loss, evaluated at theta itself (a float32 linspace's centre is only ~1e-8 from 0).
+        row = self.losses[0]
         return (row[c + 1] - 2 * self.center_loss + row[c - 1]) / h ** 2
 
     def rows(self) -> list[dict]:
@@ -117,6 +120,7 @@ def loss_slice(loss_fn: Callable[[], float], params: Mapping[str, torch.Tensor],
 
 
 def write_csv(landscape: Landscape, path: str | Path) -> Path:
+    """The slice as CSV: a row per grid point, columns alpha, (beta,) loss."""
     path = Path(path)
     rows = landscape.rows()
     with path.open("w", newline="") as f:
@@ -127,7 +131,8 @@ def write_csv(landscape: Landscape, path: str | Path) -> Path:
 
 
 def plot(landscape: Landscape, path: str | Path, title: str) -> Path:
-    """A line (1-D, the trained weights marked) or a filled contour (2-D) of the slice, as a PNG."""
+    """A line (1-D, the trained weights marked) or a filled contour (2-D) of the slice, as a PNG. A bare Figure
+    on the Agg canvas: no pyplot state, nothing to close, safe on headless Ray workers."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -143,7 +148,7 @@ def plot(landscape: Landscape, path: str | Path, title: str) -> Path:
     else:
         filled = ax.contourf(landscape.alphas, landscape.betas, landscape.losses, levels=20)
         fig.colorbar(filled, ax=ax, label="loss")
-        ax.plot([0.0], [0.0], "r+", ms=10)
+        ax.plot([0.0], [0.0], "r+", ms=10, label="trained weights")
         ax.set(xlabel="alpha", ylabel="beta")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -4,6 +4,7 @@ again afterwards on the stored adapters and logs the report to the sweep's run."
 import math
 import re
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -98,6 +99,17 @@ def test_sparta_analyze_reruns_the_analyses_and_logs_the_report(swept):
                                                         - m["final/analysis/train_eval_loss"])
         assert {"spectrum.csv", "landscape-merged-1d.csv"} <= {
             f.path.split("/", 1)[1] for f in client.list_artifacts(run.info.run_id, "analysis")}
+
+
+def test_analyze_by_run_id_with_bounds_only_reads_the_rest_from_the_trials_runs(swept):
+    out, uri, tmp = swept
+    folder = tmp / "bounds-only"
+    result = sparta("analyze", out.parent_run_id, "--tracking-uri", uri, "--analyses", "bounds", "--out", str(folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"report.md", "trials.csv", "bound-vs-gap.png", "intruders.png", "landscapes.png"} <= {
+        p.name for p in folder.iterdir()}
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 3 and trials["gap"].notna().all() and trials["intruders_eps0.5"].notna().all()
 
 
 def test_bad_targets_and_analyses_are_clear_errors(swept):

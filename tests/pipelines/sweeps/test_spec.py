@@ -21,7 +21,7 @@ EXAMPLES = ROOT / "examples"
 TRIAL_FIELDS = ["model", "dataset", "method", "seed", *HYPERPARAMS, "trial_key"]
 CONFIG_FIELDS = {"model", "dataset", "method", "seed", *HYPERPARAMS, "trial_key", "epochs", "steps",
                  "batch_size", "max_length", "eval_every", "eval_examples", "precision", "framing",
-                 "deepspeed"}
+                 "deepspeed", "analysis"}
 BASE = {"experiment": "t", "models": ["minilm-l6"], "datasets": ["multiemo"], "methods": ["lora"],
         "train": {"steps": 3}}
 

@@ -3,7 +3,9 @@ realistic sweep (2 methods x 2 seeds and a failed trial) with real saved adapter
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -207,6 +209,24 @@ def test_exceptions_close_runs(tmp_path):
     assert client.get_run(t2.parent_run_id).info.status == "FAILED"
 
 
+def test_an_interrupted_sweep_ends_killed_with_the_trials_that_ended(tmp_path):
+    """Ctrl-C: Tune saves its state and returns with trials still RUNNING or PENDING; they are not summarised
+    (nor counted as failed) and the sweep's run ends KILLED, to be resumed."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = tracking.SweepTracker("interrupted", uri, register=False)
+    with tracker:
+        tracker.start()
+        tracker.log_trial(_params("cla", 0), _history("cla", 0), _history("cla", 0)[-1], status="TERMINATED")
+        mine = [{"params": _params("cla", 0), "final": _history("cla", 0)[-1], "status": "TERMINATED"},
+                {"params": _params("cla", 1), "final": {}, "status": "RUNNING"},
+                {"params": _params("lora", 0), "final": {}, "status": "PENDING"}]
+        result = tracker.finish(mine)
+    run = MlflowClient(uri).get_run(result.parent_run_id)
+    assert run.info.status == "KILLED"
+    assert (run.data.metrics["trials"], run.data.metrics["failed_trials"]) == (1, 0)
+    assert list(result.summary["method"]) == ["cla"] and list(result.summary["n_seeds"]) == [1]
+
+
 def test_finish_with_the_drivers_trials(tmp_path):
     # The driver may hand finish() its own list (Ray's statuses, no run ids): matched by trial_key.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -277,6 +297,25 @@ def test_config_selection_and_ties():
     assert "lr=0.0001" in summ.render(summ.summary_table(ts), "markdown")
     # lower-is-better main metrics rank the other way round
     assert not summ.higher_is_better("perplexity") and summ.higher_is_better("accuracy")
+
+
+def test_the_analyses_add_their_columns_only_where_trials_ran_them():
+    def trial(method, seed, **analysis):
+        return {"params": {"model": "m", "dataset": "d", "method": method, "seed": seed, "lr": 1e-3},
+                "final": {"metric": "accuracy", "val_accuracy": 0.8, "test_accuracy": 0.7, "val_loss": 0.4,
+                          **analysis}}
+    plain = summ.summary_table([trial("lora", 0), trial("cla", 0)])
+    assert not set(summ.ANALYSIS_COLUMNS) & set(plain.columns)
+    ts = [trial("lora", 0, gap=0.10, **{"analysis/bound_term": 2.0, "analysis/intruders_eps0.5": 1.0}),
+          trial("lora", 1, gap=0.30, **{"analysis/bound_term": 2.0, "analysis/intruders_eps0.5": 3.0}),
+          trial("cla", 0, gap=0.05)]
+    df = summ.summary_table(ts).set_index("method")
+    assert {"gap_mean", "bound_term", "intruders_mean"} <= set(df.columns)
+    assert "sharpness_mean" not in df.columns   # no trial ran the landscape
+    assert df.loc["lora", "gap_mean"] == pytest.approx(0.2) and df.loc["lora", "intruders_mean"] == 2.0
+    assert df.loc["cla", "gap_mean"] == 0.05 and math.isnan(df.loc["cla", "bound_term"])
+    text = summ.render(summ.summary_table(ts), "markdown")
+    assert re.search(r"\|\s+gap\s+\|", text) and "intruders@0.5" in text and "0.2000" in text
 
 
 def test_summary_artifacts(sweep):
