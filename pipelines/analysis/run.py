@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from adapters.analysis import EPS_GRID
 from pipelines.analysis import report
 from pipelines.mlflow_store import ROLE_TAG, now_ms, resolve_tracking_uri
 from pipelines.sweeps.registry import ADAPTER_ARTIFACT, ANALYSIS_ARTIFACT
@@ -104,8 +105,7 @@ def trials_frame(trials: list[dict]) -> tuple[pd.DataFrame, str]:
         row = {"model": p.get("model"), "dataset": p.get("dataset"), "method": p.get("method"), "seed": p.get("seed"),
                metric: f.get(metric), "test_" + metric[4:]: f.get("test_" + metric[4:]),
                "gap": f.get("analysis/gap", f.get("gap")), "bound_term": f.get("analysis/bound_term")}
-        row.update({f"intruders_eps{e:g}": f.get(f"analysis/intruders_eps{e:g}") for e in
-                    (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)})
+        row.update({f"intruders_eps{e:g}": f.get(f"analysis/intruders_eps{e:g}") for e in EPS_GRID})
         rows.append(row)
     df = pd.DataFrame(rows)
     return df.astype({c: "float64" for c in df.columns if c not in ("model", "dataset", "method", "seed")}), metric

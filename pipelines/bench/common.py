@@ -11,6 +11,14 @@ import pandas as pd
 from pipelines import tables
 
 
+class ConfigError(ValueError):
+    """A bad benchmark setting; `field` names the config field (the CLI turns it into an option name)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 @dataclass
 class Verdict:
     """One benchmark target, checked on a run."""

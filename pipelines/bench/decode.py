@@ -29,7 +29,7 @@ from attention.cache import tile_cache
 from attention.config import parse_art
 from attention.generate import Prefilled, greedy_decode, prefill
 from attention.hf import POLICIES, make_press
-from pipelines.bench.common import Verdict
+from pipelines.bench.common import ConfigError, Verdict
 from workers.hardware import DTYPES, cpu_name, resolve_dtype
 
 STOCK = "stock"
@@ -38,14 +38,6 @@ TARGET_ATTENTION_SPEEDUP = 1.3   # ART's targets, checked at the biggest context
 TARGET_TOKENS_SPEEDUP = 1.2
 TARGET_MIN_BATCH = 4
 TIMED_SDPA = "sparta_timed_sdpa"   # the stock row's attention: SDPA with a stopwatch around it
-
-
-class ConfigError(ValueError):
-    """A bad benchmark setting; `field` names the config field (the CLI turns it into an option name)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 @dataclass

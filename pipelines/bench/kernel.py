@@ -28,20 +28,12 @@ import torch.nn.functional as F
 from attention import ARTConfig
 from attention.config import parse_art
 from attention.kernels.dispatch import decode_rows, resolve
-from pipelines.bench.common import Verdict, fmt
+from pipelines.bench.common import ConfigError, Verdict, fmt
 from workers.hardware import cpu_name, resolve_device
 
 SDPA, WALK_ALL = "sdpa", "walk-all"
 TARGET_VS_WALK_ALL = 1.10   # what skipping must gain over walking every block to count as paying
 SHAPES = {"smollm2-135m": (9, 3, 64), "gemma3-270m": (4, 1, 256), "llama3-8b": (32, 8, 128)}
-
-
-class ConfigError(ValueError):
-    """A bad setting; `field` names the config field (the CLI turns it into an option name)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
 
 
 @dataclass

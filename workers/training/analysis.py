@@ -161,31 +161,29 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _figure(size: tuple[float, float]):
+    """A bare Figure on the Agg canvas (no pyplot state, nothing to close: safe on headless Ray workers)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
 def _plot_spectra(values: dict[str, torch.Tensor], path: Path, top: int = 64) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure((6, 4))
     for s in values.values():
         s = s[:top]
         ax.semilogy(range(1, len(s) + 1), (s / s[0].clamp_min(1e-30)).clamp_min(1e-8).tolist(), alpha=0.4, lw=1)
     ax.set(xlabel="singular value index", ylabel="sigma_i / sigma_1 of the update", title="spectra of the updates")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_curve(mean: dict[float, float], path: Path, k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _figure((5, 3.5))
     ax.plot(list(mean), list(mean.values()), marker="o")
     ax.set(xlabel="eps", ylabel=f"intruders per matrix (top {k})", title="intruder dimensions")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
