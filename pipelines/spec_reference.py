@@ -58,6 +58,8 @@ SWEEP_FIELDS = {
     "search.weight_decay": "AdamW weight decay of the head and of `full` (adapter factors never decay): numbers >= 0",
     "search.num_samples": "draws of the sampled parameters per grid point; > 1 needs at least one sampled parameter",
     "search.seed": "seeds the sampling: grid point i draws from `random.Random(\"sparta-search:<seed>:<i>\")`",
+    "search.by_method": "per-method values over the shared ones, e.g. `{full: {lr: 5e-5}, lora_plus: {lr: 2e-4}}`: "
+                        "each a scalar, a grid or a sampling spec, as above; only methods of this sweep",
     "train": "the training loop's settings",
     "train.epochs": "training length in epochs: give exactly one of `epochs` and `steps`",
     "train.steps": "training length in optimizer steps: give exactly one of `epochs` and `steps`",
@@ -95,6 +97,14 @@ SWEEP_FIELDS = {
     "analysis": "the Beyond-LoRA analyses of every trial, on its worker (docs/analysis.md): `gap` (test minus "
                 "train loss, both in eval mode, at every evaluation), `bounds`, `spectrum`, `intruders`, "
                 "`landscape` (at the end, logged as `analysis/...` metrics and CSV + PNG artifacts)",
+    "analysis_settings": "how those analyses run; the landscape's 2 x (points + points_2d^2) loss evaluations "
+                         "dominate their cost",
+    "analysis_settings.intruder_k": "top singular vectors of each fine-tuned matrix checked for intruders",
+    "analysis_settings.landscape_points": "points of the 1-D loss slices on [-1, 1] (odd: the centre is the "
+                                          "trained weights)",
+    "analysis_settings.landscape_points_2d": "points per axis of the 2-D loss slices (odd)",
+    "analysis_settings.sigma": "the bound's sub-Gaussian parameter sigma",
+    "analysis_settings.bits": "bits per weight q in the bound; `null`: the adapter's dtype",
 }
 
 SERVE_FIELDS = {

@@ -80,6 +80,16 @@ def gap_table(trials: pd.DataFrame) -> pd.DataFrame:
     return mean_std_table(trials, "gap")
 
 
+def rates_table(trials: pd.DataFrame) -> pd.DataFrame | None:
+    """The learning rate(s) each method trained at, or None when one rate was shared (or none is known): the
+    comparison is only fair when each method ran at a rate that suits it (the spec's search.by_method)."""
+    if "lr" not in trials.columns or trials["lr"].dropna().nunique() < 2:
+        return None
+    rows = [{"method": m, "lr": ", ".join(f"{v:g}" for v in sorted(trials.loc[trials["method"] == m, "lr"].dropna().unique()))}
+            for m in _method_order(trials["method"])]
+    return pd.DataFrame(rows, columns=["method", "lr"])
+
+
 @dataclass(frozen=True)
 class RankAgreement:
     """How one model / dataset pair's bound terms order its methods against their measured 𝒢.
@@ -162,6 +172,16 @@ def _pyplot():
     return plt
 
 
+def method_colors(methods) -> dict[str, tuple]:
+    """A fixed colour per method (its place in adapters.methods.METHODS on matplotlib's 20-colour "tab20"), the
+    same in every figure; 11 methods outrun the default 10-colour cycle, which gave two of them one colour."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors
+    return {m: palette[(2 * i) % 20 + (2 * i) // 20] for i, m in enumerate(_method_order(list(METHODS) + list(methods)))
+            if m in set(methods)}
+
+
 def plot_intruder_curves(curves: pd.DataFrame, path: str | Path) -> Path:
     """One PNG: a panel per (model, dataset) side by side, a line per method (mean intruders against eps)."""
     plt = _pyplot()
@@ -172,9 +192,10 @@ def plot_intruder_curves(curves: pd.DataFrame, path: str | Path) -> Path:
     try:
         for ax, (model, dataset) in zip(axes[0], pairs):
             sub = curves[(curves["model"] == model) & (curves["dataset"] == dataset)]
+            colors = method_colors(sub["method"].unique())
             for method in _method_order(sub["method"]):
                 line = sub[sub["method"] == method].sort_values("eps")
-                ax.plot(line["eps"], line["intruders"], marker="o", markersize=3, label=method)
+                ax.plot(line["eps"], line["intruders"], marker="o", markersize=3, label=method, color=colors[method])
             ax.set_title(_pair_label(model, dataset) if model or dataset else "no intruder measurements")
             ax.set_xlabel("eps")
             ax.set_ylabel("intruders per adapted matrix")
@@ -242,8 +263,11 @@ def markdown(trials: pd.DataFrame, metric: str, figures: dict[str, str] | None =
     measured 𝒢 per model / dataset, mean intruders at eps 0.5, and an image line per entry of `figures`
     ({name: path relative to the report})."""
     left = {"method"}
-    parts = [
-        "# Beyond LoRA: analysis report",
+    parts = ["# Beyond LoRA: analysis report"]
+    rates = rates_table(trials)
+    if rates is not None:
+        parts += ["## Learning rates", "The methods trained at different rates:", tables.markdown(rates, left=left)]
+    parts += [
         f"## Accuracy ({metric}), mean ± std over seeds",
         tables.markdown(accuracy_table(trials, metric), left=left),
         "## Generalization error 𝒢 = test loss - train loss",

@@ -39,8 +39,8 @@ class AnalyzeConfig:
     analyses: tuple[str, ...] = DEFAULT_ANALYSES
     examples: int = 64                           # the fixed train and test examples of gap and landscape
     tracking_uri: str | None = None
-    landscape_points: int = 11
-    landscape_points_2d: int = 7
+    landscape_points: int | None = None          # None: the sweep spec's analysis_settings
+    landscape_points_2d: int | None = None
 
 
 def sweep_of(client: MlflowClient, target: str, tracking_uri: str) -> tuple[str, str]:
@@ -82,11 +82,12 @@ def analyze_trial(client: MlflowClient, spec, trial: dict, cfg: AnalyzeConfig, s
     sets = {"train": task.train[:cfg.examples], "test": task.test[:cfg.examples]}
     batch = train_cfg.eval_batch_size or train_cfg.batch_size
     out = scratch / "analysis"
+    settings = spec.analysis_settings.model_dump()
+    settings.update({k: v for k in ("landscape_points", "landscape_points_2d") if (v := getattr(cfg, k)) is not None})
     metrics = analyze(adapter, lambda: build_model(train_cfg, task, framing, dtype)[0], cfg.analyses,
                       n_train=len(task.train), out=out,
                       losses=lambda m, split: fixed_loss(m, frame, sets[split], batch),
-                      settings=AnalysisSettings(landscape_points=cfg.landscape_points,
-                                                landscape_points_2d=cfg.landscape_points_2d))
+                      settings=AnalysisSettings.from_dict(settings))
     stamp = now_ms()
     client.log_batch(run_id, metrics=[Metric(FINAL_PREFIX + k, v, stamp, 0) for k, v in metrics.items()
                                       if math.isfinite(v)])
@@ -103,7 +104,7 @@ def trials_frame(trials: list[dict]) -> tuple[pd.DataFrame, str]:
     for t in trials:
         p, f = t["params"], t["final"]
         row = {"model": p.get("model"), "dataset": p.get("dataset"), "method": p.get("method"), "seed": p.get("seed"),
-               metric: f.get(metric), "test_" + metric[4:]: f.get("test_" + metric[4:]),
+               "lr": float(p["lr"]) if p.get("lr") is not None else math.nan, metric: f.get(metric), "test_" + metric[4:]: f.get("test_" + metric[4:]),
                "gap": f.get("analysis/gap", f.get("gap")), "bound_term": f.get("analysis/bound_term")}
         row.update({f"intruders_eps{e:g}": f.get(f"analysis/intruders_eps{e:g}") for e in EPS_GRID})
         rows.append(row)
@@ -130,11 +131,13 @@ def plot_landscapes(curves: dict[tuple[str, str, str], list[pd.DataFrame]], path
 
     pairs = sorted({(m, d) for m, d, _ in curves})
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 3.8), squeeze=False)
+    colors = report.method_colors({method for _, _, method in curves})
+    order = list(colors)   # the canonical method order
     for ax, (model, dataset) in zip(axes[0], pairs):
-        for (m, d, method), frames in sorted(curves.items()):
+        for (m, d, method), frames in sorted(curves.items(), key=lambda kv: order.index(kv[0][2])):
             if (m, d) == (model, dataset):
                 mean = pd.concat(frames).groupby("alpha", as_index=False)["loss"].mean()
-                ax.plot(mean["alpha"], mean["loss"], label=method)
+                ax.plot(mean["alpha"], mean["loss"], label=method, color=colors[method])
         ax.set(title=f"{model} / {dataset}", xlabel="alpha (filter-normalised direction)", ylabel="training loss")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -15,8 +15,10 @@ def command(
     analyses: str = typer.Option("gap,bounds,spectrum,intruders,landscape",
                                  help="comma list of: gap, bounds, spectrum, intruders, landscape"),
     examples: int = typer.Option(64, min=1, help="fixed training and test examples for the gap and the landscape"),
-    landscape_points: int = typer.Option(11, min=3, help="points of the 1-D landscape slice on [-1, 1]"),
-    landscape_points_2d: int = typer.Option(7, min=3, help="points per axis of the 2-D landscape slice"),
+    landscape_points: Optional[int] = typer.Option(
+        None, min=3, help="points of the 1-D landscape slice on [-1, 1], odd (default: the spec's analysis_settings)"),
+    landscape_points_2d: Optional[int] = typer.Option(
+        None, min=3, help="points per axis of the 2-D landscape slice, odd (default: the spec's analysis_settings)"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)"),
     out: Path = typer.Option(Path("analysis-results"), help="folder for report.md, its PNGs and trials.csv"),
@@ -33,6 +35,10 @@ def command(
         raise typer.BadParameter(str(e), param_hint="--analyses") from None
     if not chosen:
         raise typer.BadParameter("name at least one analysis", param_hint="--analyses")
+    for hint, points in (("--landscape-points", landscape_points), ("--landscape-points-2d", landscape_points_2d)):
+        if points is not None and points % 2 == 0:
+            raise typer.BadParameter(f"{points} is even; the grid needs an odd number of points (its centre is "
+                                     "the trained weights)", param_hint=hint)
     cfg = AnalyzeConfig(target=target, analyses=chosen, examples=examples, tracking_uri=tracking_uri,
                         landscape_points=landscape_points, landscape_points_2d=landscape_points_2d)
     console = make_console()

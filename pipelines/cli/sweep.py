@@ -60,6 +60,10 @@ def resume(experiment: str = typer.Argument(..., help="the experiment name of an
     _run_here(parsed, Path(state["spec"]), tracking_uri or state["tracking_uri"], storage, resume=True)
 
 
+# Ray Tune's states of a trial that has not ended: the sweep was interrupted before it ran or finished.
+UNENDED = ("PENDING", "RUNNING", "PAUSED")
+
+
 def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> None:
     from pipelines.progress import SweepProgress, console as make_console
     from pipelines.sweeps.driver import run_sweep
@@ -79,6 +83,13 @@ def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> N
     console.print(render(outcome.summary, "table"))
     for reg in outcome.registered:
         console.print(f"registered {reg.uri} ({reg.method}, {reg.trial_key})")
+    total = len(parsed.trials())
+    ended = sum(r.status not in UNENDED for r in outcome.records.values())
+    if ended < total:   # Ctrl-C: Tune saved its state (trials not started have no record); the run ended KILLED
+        console.print(f"[yellow]sweep {outcome.experiment!r} interrupted after {outcome.wall_s:.0f} s with "
+                      f"{total - ended} of {total} trials not finished; "
+                      f"`sparta sweep resume {outcome.experiment}` runs them (finished trials are kept).[/]")
+        raise typer.Exit(130)
     console.print(f"sweep {outcome.experiment!r} done in {outcome.wall_s:.0f} s. Browse it in MLflow: "
                   f"[bold]sparta ui[/] then http://127.0.0.1:5000")
     failed = [r for r in outcome.records.values() if r.status != "FINISHED"]

@@ -261,11 +261,42 @@ class SearchSpec(Section):
     weight_decay: Any = 0.0
     num_samples: int = Field(1, ge=1)
     seed: int = 0
+    # Per-method values over the ones above, e.g. {full: {lr: 5e-5}}: methods differ in the rates they train at.
+    by_method: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator(*HYPERPARAMS)
     @classmethod
     def _space(cls, v: Any, info: ValidationInfo) -> list | dict:
         return _PARAMS[info.field_name].space(v)
+
+    @field_validator("by_method")
+    @classmethod
+    def _overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for method, values in v.items():
+            try:
+                _check_method(method)
+            except ValueError as e:
+                raise FieldError((method,), str(e)) from None
+            if not isinstance(values, dict) or not values:
+                raise FieldError((method,), f"expected a mapping of hyper-parameters ({choices(HYPERPARAMS)}) "
+                                            f"to values, got {values!r}")
+            for param in values:
+                if param not in HYPERPARAMS:
+                    raise FieldError((method, param), f"unknown hyper-parameter; valid: {choices(HYPERPARAMS)}")
+        return v
+
+    def for_method(self, method: str) -> SearchSpec:
+        """The search one method's trials run: its `by_method` values over the shared ones."""
+        overrides = self.by_method.get(method)
+        if not overrides:
+            return self
+        base = {p: getattr(self, p) for p in HYPERPARAMS}
+        try:
+            return SearchSpec.model_validate({**base, **overrides, "num_samples": self.num_samples,
+                                              "seed": self.seed})
+        except ValidationError as e:   # a bad value: name it under by_method.<method>
+            loc, msg = validation_errors(e, lambda _: SearchSpec)[0]
+            raise FieldError(("by_method", method, *loc), msg) from None
 
     @model_validator(mode="after")
     def _samples_need_sampled(self) -> SearchSpec:
@@ -278,6 +309,8 @@ class SearchSpec(Section):
                 raise FieldError((), f"two grid points give the same trial key part {label!r}; make the "
                               "values differ in their first 5 digits")
             labels.add(label)
+        for method in self.by_method:
+            self.for_method(method)
         return self
 
     def grid(self) -> dict[str, list]:
@@ -374,6 +407,24 @@ class SchedulerSpec(Section):
         return self
 
 
+class AnalysisSettingsSpec(Section):
+    """How the analyses of `analysis:` run (workers.training.analysis.AnalysisSettings; a test keeps the
+    fields equal). The landscape's loss evaluations dominate their cost: 2 x (points + points_2d^2)."""
+
+    intruder_k: int = Field(10, ge=1)
+    landscape_points: int = Field(11, ge=3)
+    landscape_points_2d: int = Field(7, ge=3)
+    sigma: float = Field(1.0, gt=0)
+    bits: int | None = Field(None, ge=1)
+
+    @field_validator("landscape_points", "landscape_points_2d")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"expected an odd number (the grid's centre is the trained weights), got {v}")
+        return v
+
+
 # -- the spec --------------------------------------------------------------------------------------
 class SweepSpec(Section):
     """A whole sweep. Build it with `load_spec(path)` or `SweepSpec.model_validate(dict)`."""
@@ -391,6 +442,7 @@ class SweepSpec(Section):
     max_concurrent: int = Field(1, ge=1)
     max_failures: int = Field(1, ge=0)
     analysis: list[Analysis] = Field(default_factory=list)
+    analysis_settings: AnalysisSettingsSpec = Field(default_factory=AnalysisSettingsSpec)
 
     @field_validator("models", "methods", "seeds")
     @classmethod
@@ -425,6 +477,10 @@ class SweepSpec(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> SweepSpec:
+        for method in self.search.by_method:
+            if method not in self.methods:
+                raise FieldError(("search", "by_method", method), f"{method!r} is not one of this sweep's "
+                                 f"methods ({choices(self.methods)})", root=True)
         if self.train.framing == "generation":
             from workers.data import assets
 
@@ -484,11 +540,11 @@ class SweepSpec(Section):
     def trials(self) -> list[dict]:
         """models x datasets x methods x seeds x (grid points x num_samples), in that nesting order.
         Each trial: model, dataset, method, seed, every hyper-parameter, and a stable trial_key."""
-        points = self.search.points()
+        points = {m: self.search.for_method(m).points() for m in self.methods}
         out = []
         for model, dataset, method, seed in itertools.product(self.models, self.datasets, self.methods,
                                                               self.seeds):
-            for label, values in points:
+            for label, values in points[method]:
                 key = f"{model_label(model)}/{dataset.name}/{method}/seed{seed}" + (f"/{label}" if label else "")
                 out.append({"model": model, "dataset": dataset.name, "method": method, "seed": seed,
                             **values, "trial_key": key})
@@ -522,6 +578,7 @@ class SweepSpec(Section):
             "framing": self.framing(trial["model"]),
             "deepspeed": self.deepspeed_config(),
             "analysis": list(self.analysis),
+            "analysis_settings": self.analysis_settings.model_dump(),
         }
 
     def framing(self, model: str) -> Literal["classification", "generation"]:
@@ -598,5 +655,5 @@ def load_spec(path: str | Path) -> SweepSpec:
     return SweepSpec.model_validate(read_yaml(path), context={"base_dir": path.parent, "source": str(path)})
 
 
-__all__ = ["DatasetSpec", "DeepSpeedSpec", "HYPERPARAMS", "ResourcesSpec", "SchedulerSpec", "SearchSpec",
+__all__ = ["AnalysisSettingsSpec", "DatasetSpec", "DeepSpeedSpec", "HYPERPARAMS", "ResourcesSpec", "SchedulerSpec", "SearchSpec",
            "SpecError", "SweepSpec", "TrainSpec", "load_spec", "model_label"]

@@ -9,7 +9,7 @@ The measures themselves are `adapters.analysis` (pure maths) and `workers.traini
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +48,29 @@ class AnalysisSettings:
     sigma: float = 1.0
     bits: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.intruder_k, bool) or not isinstance(self.intruder_k, int) or self.intruder_k < 1:
+            raise ValueError(f"intruder_k must be an integer >= 1, got {self.intruder_k!r}")
+        for name in ("landscape_points", "landscape_points_2d"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 3 or v % 2 == 0:
+                raise ValueError(f"{name} must be an odd integer >= 3 (the grid holds the trained weights at its "
+                                 f"centre), got {v!r}")
+        if not self.sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
+        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits < 1):
+            raise ValueError(f"bits must be an integer >= 1 or None (the adapter's dtype), got {self.bits!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> AnalysisSettings:
+        """From a plain mapping (a trial's config); ValueError naming an unknown key and the valid ones."""
+        values = dict(values or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = [k for k in values if k not in valid]
+        if unknown:
+            raise ValueError(f"unknown analysis setting {unknown[0]!r}; valid: {', '.join(valid)}")
+        return cls(**values)
 
 
 def analyze(adapter_dir: str | Path, load_base: Callable[[], nn.Module], analyses, *, n_train: int,

@@ -36,7 +36,7 @@ from workers.hardware import PRECISIONS, resolve_device, resolve_precision
 from workers.training.deepspeed_setup import chain_step, check_deepspeed, engine_config
 from workers.data.datasets import TASKS, ByteTokenizer, ClassificationFraming, GenerationFraming, load_task
 from workers.data.tables import load_table_task
-from workers.training.analysis import check_analyses
+from workers.training.analysis import AnalysisSettings, check_analyses
 from workers.training.analysis import analyze as analyze_adapter
 from workers.training.metrics import MAIN_METRIC, classification_scores, peak_memory_mib
 
@@ -79,7 +79,8 @@ class TrainConfig:
         measures the loss on a fixed slice of the training split (as many examples as validation), in eval
         mode, and reports `train_eval_loss` and `gap` = test_loss - train_eval_loss. The others run once at
         the end on rank 0 over the final adapter, report "analysis/..." metrics and write CSV + PNG files
-        into the final checkpoint's `analysis/` folder.
+        into the final checkpoint's `analysis/` folder. analysis_settings: `AnalysisSettings` fields (grid
+        sizes of the landscape, intruder_k, the bound's sigma and bits) over their defaults.
     """
 
     model: str
@@ -106,6 +107,7 @@ class TrainConfig:
     split_seed: int = 0
     deepspeed: dict = field(default_factory=dict)
     analysis: tuple[str, ...] = ()
+    analysis_settings: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.adapter_config()   # validates method, rank, alpha, ...
@@ -135,6 +137,10 @@ class TrainConfig:
             object.__setattr__(self, "analysis", check_analyses(self.analysis))
         except ValueError as e:
             raise ValueError(f"TrainConfig.analysis: {e}") from None
+        try:
+            AnalysisSettings.from_dict(self.analysis_settings)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.analysis_settings: {e}") from None
         try:
             check_deepspeed(self.deepspeed, self.batch_size, self.precision)
         except ValueError as e:
@@ -272,7 +278,8 @@ def train(cfg: TrainConfig, report: Report | None = None, checkpoint_dir: str | 
                     folder / "adapter", lambda: build_model(cfg, task, framing, dtype)[0], final_analyses,
                     n_train=len(task.train), out=folder / "analysis",
                     losses=lambda m, split: fixed_loss(m, frame, train_fixed if split == "train" else test,
-                                                       cfg.eval_batch_size or cfg.batch_size)))
+                                                       cfg.eval_batch_size or cfg.batch_size),
+                    settings=AnalysisSettings.from_dict(cfg.analysis_settings)))
             if report is not None:
                 report(metrics, str(folder))
             losses, train_s = [], 0.0

@@ -218,3 +218,28 @@ def test_markdown_report_sections_rho_line_cells_and_figures():
     assert "No method has both a bound term and a measured 𝒢 here." in unbounded
     assert "Spearman" not in unbounded
     assert "No intruder counts" in report.markdown(trials.drop(columns=["intruders_eps0.5"]), "val_accuracy")
+
+
+def test_the_learning_rates_show_when_methods_trained_at_different_ones():
+    rows = (_rows("m", "d", "full", [0.9, 0.8], lr=5e-5) + _rows("m", "d", "lora", [0.9, 0.9], lr=1e-3)
+            + _rows("m", "d", "lora_plus", [0.9, 0.9], lr=[1e-4, 2e-4]))
+    trials = pd.DataFrame(rows).assign(gap=0.1, bound_term=1.0)
+    table = report.rates_table(trials)
+    assert table.to_dict("records") == [{"method": "full", "lr": "5e-05"}, {"method": "lora", "lr": "0.001"},
+                                        {"method": "lora_plus", "lr": "0.0001, 0.0002"}]
+    text = report.markdown(trials, "val_accuracy")
+    assert text.index("## Learning rates") < text.index("## Accuracy")
+    assert _rows_of(text, "lora_plus")[0] == ["lora_plus", "0.0001, 0.0002"]
+    # one shared rate, or none recorded: no section
+    assert report.rates_table(trials.assign(lr=1e-3)) is None
+    assert "## Learning rates" not in report.markdown(trials.drop(columns=["lr"]), "val_accuracy")
+
+
+def test_every_method_keeps_one_distinct_colour():
+    from adapters.methods import METHODS
+
+    colors = report.method_colors(METHODS)
+    assert list(colors) == list(METHODS) and len(set(colors.values())) == len(METHODS)
+    # a method's colour does not depend on which others are plotted beside it
+    assert report.method_colors(["r_c3la", "lora"]) == {"lora": colors["lora"], "r_c3la": colors["r_c3la"]}
+    assert set(report.method_colors(["lora", "my_method"])) == {"lora", "my_method"}

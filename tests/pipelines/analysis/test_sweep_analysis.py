@@ -29,7 +29,8 @@ def swept(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis-sweep")
     spec = yaml.safe_load((REPO / "examples" / "sweep-tiny.yaml").read_text())
     spec.update(experiment="analysis-tiny", methods=["lora", "cla", "c3la"], seeds=[0], max_concurrent=3,
-                resources={"cpus_per_worker": 0.6}, analysis=ANALYSES)
+                resources={"cpus_per_worker": 0.6}, analysis=ANALYSES,
+                analysis_settings={"landscape_points": 3, "landscape_points_2d": 3, "intruder_k": 6})
     path = tmp / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -65,11 +66,15 @@ def test_a_sweep_with_analysis_logs_every_metric_and_file(swept):
         assert m["final/analysis/bound_term"] == pytest.approx(bound.term)
         assert 1 <= m["final/analysis/effective_rank_mean"] <= (24 if method == "c3la" else 8)
         counts = [m[f"final/analysis/intruders_eps{e:g}"] for e in EPS_GRID]
-        assert counts == sorted(counts) and 0 <= counts[0] and counts[-1] <= 10
+        assert counts == sorted(counts) and 0 <= counts[0] and counts[-1] <= 6   # the spec's intruder_k
         for key in ("landscape_adapter_sharpness", "landscape_merged_sharpness", "landscape_merged_2d_sharpness"):
             assert math.isfinite(m[f"final/analysis/{key}"]) and m[f"final/analysis/{key}"] >= 0
         files = {f.path.split("/", 1)[1] for f in client.list_artifacts(run.info.run_id, "analysis")}
         assert files == FILES
+        # the spec's analysis_settings reached the worker: 3 points per axis
+        line = pd.read_csv(client.download_artifacts(run.info.run_id, "analysis/landscape-merged-1d.csv"))
+        grid = pd.read_csv(client.download_artifacts(run.info.run_id, "analysis/landscape-adapter-2d.csv"))
+        assert line["alpha"].tolist() == [-1.0, 0.0, 1.0] and len(grid) == 9
     # the summary gains the analyses' columns, one value per method (one seed each)
     table = out.summary.set_index("method")
     for col in ("gap_mean", "bound_term", "intruders_mean", "effective_rank_mean", "sharpness_mean"):

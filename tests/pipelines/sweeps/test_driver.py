@@ -126,9 +126,10 @@ def test_resume_after_interrupting_the_driver_redoes_no_finished_trial(tmp_path)
     path = spec_file(tmp_path, experiment="sweep-resume", max_concurrent=2)   # 4 trials, two at a time
     spec = load_spec(path)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sweep", "run", str(path), "--tracking-uri", uri,
-                               "--storage", str(tmp_path / "sweeps")], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--storage", str(tmp_path / "sweeps")], cwd=ROOT, env={**env, "COLUMNS": "400"},
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         finished = []
@@ -145,6 +146,12 @@ def test_resume_after_interrupting_the_driver_redoes_no_finished_trial(tmp_path)
     finally:
         if driver.poll() is None:
             driver.kill()
+        log.close()
+    # the CLI says so, and how to go on, rather than "done"
+    said = " ".join((tmp_path / "driver.log").read_text().split())
+    assert driver.returncode == 130, said[-2000:]
+    assert "interrupted after" in said and "`sparta sweep resume sweep-resume` runs them" in said
+    assert "done in" not in said
     _, before = child_runs(uri, "sweep-resume")
     done_before = {r.data.tags["trial_key"]: r.info.run_id for r in before if r.info.status == "FINISHED"}
     assert 0 < len(done_before) < len(spec.trials())

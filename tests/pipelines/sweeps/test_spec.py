@@ -21,7 +21,7 @@ EXAMPLES = ROOT / "examples"
 TRIAL_FIELDS = ["model", "dataset", "method", "seed", *HYPERPARAMS, "trial_key"]
 CONFIG_FIELDS = {"model", "dataset", "method", "seed", *HYPERPARAMS, "trial_key", "epochs", "steps",
                  "batch_size", "max_length", "eval_every", "eval_examples", "precision", "framing",
-                 "deepspeed", "analysis"}
+                 "deepspeed", "analysis", "analysis_settings"}
 BASE = {"experiment": "t", "models": ["minilm-l6"], "datasets": ["multiemo"], "methods": ["lora"],
         "train": {"steps": 3}}
 
@@ -229,6 +229,19 @@ BAD = [
     ({"mlflow": "x"}, "mlflow", ["unknown field", "experiment", "max_failures"]),
     ({"analysis": ["gap", "hessian"]}, "analysis[1]", ["'gap'", "'bounds'", "'landscape'"]),
     ({"analysis": ["bounds", "bounds"]}, "analysis[1]", ["duplicate analysis"]),
+    ({"analysis_settings.landscape_points": 8}, "analysis_settings.landscape_points", ["odd"]),
+    ({"analysis_settings.landscape_points_2d": 1}, "analysis_settings.landscape_points_2d", ["greater than or equal to 3"]),
+    ({"analysis_settings.sigma": 0}, "analysis_settings.sigma", ["greater than 0"]),
+    ({"analysis_settings.hessian": 1}, "analysis_settings.hessian", ["unknown field", "intruder_k", "bits"]),
+    ({"search.by_method": {"lorra": {"lr": 1e-4}}}, "search.by_method.lorra", ["unknown method", "lora_plus"]),
+    ({"search.by_method": {"cla": {"lr": 1e-4}}}, "search.by_method.cla", ["not one of this sweep's methods",
+                                                                             "lora"]),
+    ({"search.by_method": {"lora": {"gamma": 1}}}, "search.by_method.lora.gamma", ["unknown hyper-parameter",
+                                                                                   "lr", "weight_decay"]),
+    ({"search.by_method": {"lora": {}}}, "search.by_method.lora", ["mapping of hyper-parameters"]),
+    ({"search.by_method": {"lora": {"lr": -1.0}}}, "search.by_method.lora.lr", ["> 0"]),
+    ({"search.by_method": {"lora": {"rank": {"uniform": [4, 8]}}}}, "search.by_method.lora.rank.uniform",
+     ["choice"]),
 ]
 
 
@@ -429,3 +442,40 @@ def test_analysis_reaches_every_trial_and_names_what_the_worker_runs():
     assert validate().analysis == []
     parsed = validate(analysis=["bounds", "gap"])
     assert all(parsed.trial_config(t)["analysis"] == ["bounds", "gap"] for t in parsed.trials())
+
+
+def test_analysis_settings_match_the_workers_and_reach_every_trial():
+    import dataclasses
+
+    from pipelines.sweeps.spec import AnalysisSettingsSpec
+    from workers.training.analysis import AnalysisSettings
+
+    # every setting but the directions' seed (a trial's own seed is the run's) is a spec field, same defaults
+    worker = {f.name: f.default for f in dataclasses.fields(AnalysisSettings) if f.name != "seed"}
+    assert AnalysisSettingsSpec().model_dump() == worker
+    parsed = validate(analysis=["landscape"], analysis_settings={"landscape_points": 5, "intruder_k": 3})
+    for t in parsed.trials():
+        settings = AnalysisSettings.from_dict(parsed.trial_config(t)["analysis_settings"])
+        assert (settings.landscape_points, settings.landscape_points_2d, settings.intruder_k) == (5, 7, 3)
+
+
+def test_by_method_overrides_one_methods_values_and_keeps_the_keys():
+    parsed = validate(methods=["full", "lora", "lora_plus"],
+                      search={"lr": 1e-3, "rank": [4, 8], "by_method": {"full": {"lr": 5e-5},
+                                                                        "lora_plus": {"lr": [1e-4, 2e-4]}}})
+    rows = {t["trial_key"]: t["lr"] for t in parsed.trials()}
+    assert rows == {
+        "minilm-l6/multiemo/full/seed0/rank=4": 5e-5, "minilm-l6/multiemo/full/seed0/rank=8": 5e-5,
+        "minilm-l6/multiemo/lora/seed0/rank=4": 1e-3, "minilm-l6/multiemo/lora/seed0/rank=8": 1e-3,
+        "minilm-l6/multiemo/lora_plus/seed0/lr=1e-4,rank=4": 1e-4,
+        "minilm-l6/multiemo/lora_plus/seed0/lr=1e-4,rank=8": 1e-4,
+        "minilm-l6/multiemo/lora_plus/seed0/lr=2e-4,rank=4": 2e-4,
+        "minilm-l6/multiemo/lora_plus/seed0/lr=2e-4,rank=8": 2e-4,
+    }
+    # the shared values stay as they were for the other methods, alpha still follows each trial's rank
+    assert {(t["method"], t["rank"], t["alpha"]) for t in parsed.trials()} >= {("lora", 8, 16.0), ("full", 4, 8.0)}
+    # a sampled override draws from the same seeded RNG: the same spec gives the same values
+    sampled = dict(methods=["full", "lora"], search={"by_method": {"full": {"lr": {"loguniform": [1e-5, 1e-4]}}}})
+    first, again = validate(**sampled).trials(), validate(**sampled).trials()
+    assert [t["lr"] for t in first] == [t["lr"] for t in again]
+    assert 1e-5 <= first[0]["lr"] <= 1e-4 and first[1]["lr"] == 1e-3

@@ -11,7 +11,7 @@ from adapters import AdapterConfig
 from adapters.analysis import EPS_GRID, bound_terms, intruder_dimensions, spectrum, updates
 from tests.helpers import trained_adapter
 from workers.data.assets import tiny_config
-from workers.training.analysis import ANALYSES, analyze, check_analyses
+from workers.training.analysis import ANALYSES, AnalysisSettings, analyze, check_analyses
 
 IDS = {"train": torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(0)),
        "test": torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(1))}
@@ -77,3 +77,20 @@ def test_names_and_missing_losses_are_refused(saved, tmp_path):
         check_analyses(["gap", "hessian"])
     with pytest.raises(ValueError, match="need `losses`"):
         analyze(folder, lambda: copy.deepcopy(pristine), ["landscape"], n_train=10, out=tmp_path)
+
+
+def test_settings_size_the_landscape_and_bad_ones_are_named(saved, tmp_path):
+    pristine, _, folder = saved
+    settings = AnalysisSettings.from_dict({"landscape_points": 5, "landscape_points_2d": 3})
+    analyze(folder, lambda: copy.deepcopy(pristine), ["landscape"], n_train=10, out=tmp_path, losses=losses,
+            settings=settings)
+    with (tmp_path / "landscape-merged-1d.csv").open() as f:
+        assert [float(r["alpha"]) for r in csv.DictReader(f)] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    with (tmp_path / "landscape-adapter-2d.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 9
+    with pytest.raises(ValueError, match="unknown analysis setting 'points'; valid: intruder_k, landscape_points"):
+        AnalysisSettings.from_dict({"points": 5})
+    with pytest.raises(ValueError, match="landscape_points_2d must be an odd integer >= 3"):
+        AnalysisSettings.from_dict({"landscape_points_2d": 4})
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        AnalysisSettings(sigma=0.0)
