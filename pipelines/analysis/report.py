@@ -85,8 +85,8 @@ def rates_table(trials: pd.DataFrame) -> pd.DataFrame | None:
     comparison is only fair when each method ran at a rate that suits it (the spec's search.by_method)."""
     if "lr" not in trials.columns or trials["lr"].dropna().nunique() < 2:
         return None
-    rows = [{"method": m, "lr": ", ".join(f"{v:g}" for v in sorted(trials.loc[trials["method"] == m, "lr"].dropna().unique()))}
-            for m in _method_order(trials["method"])]
+    rates = trials.groupby("method")["lr"].apply(lambda lr: ", ".join(f"{v:g}" for v in sorted(lr.dropna().unique())))
+    rows = [{"method": m, "lr": rates[m]} for m in _method_order(trials["method"])]
     return pd.DataFrame(rows, columns=["method", "lr"])
 
 
@@ -178,8 +178,10 @@ def method_colors(methods) -> dict[str, tuple]:
     from matplotlib import colormaps
 
     palette = colormaps["tab20"].colors
-    return {m: palette[(2 * i) % 20 + (2 * i) // 20] for i, m in enumerate(_method_order(list(METHODS) + list(methods)))
-            if m in set(methods)}
+    wanted = set(methods)
+    order = _method_order(list(METHODS) + list(methods))
+    # the dark shades (even indices) first, then the light ones: neighbours in METHODS stay far apart
+    return {m: palette[(2 * i) % 20 + (2 * i) // 20] for i, m in enumerate(order) if m in wanted}
 
 
 def plot_intruder_curves(curves: pd.DataFrame, path: str | Path) -> Path:

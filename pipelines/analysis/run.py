@@ -104,7 +104,8 @@ def trials_frame(trials: list[dict]) -> tuple[pd.DataFrame, str]:
     for t in trials:
         p, f = t["params"], t["final"]
         row = {"model": p.get("model"), "dataset": p.get("dataset"), "method": p.get("method"), "seed": p.get("seed"),
-               "lr": float(p["lr"]) if p.get("lr") is not None else math.nan, metric: f.get(metric), "test_" + metric[4:]: f.get("test_" + metric[4:]),
+               "lr": float(p["lr"]) if p.get("lr") is not None else math.nan,
+               metric: f.get(metric), "test_" + metric[4:]: f.get("test_" + metric[4:]),
                "gap": f.get("analysis/gap", f.get("gap")), "bound_term": f.get("analysis/bound_term")}
         row.update({f"intruders_eps{e:g}": f.get(f"analysis/intruders_eps{e:g}") for e in EPS_GRID})
         rows.append(row)

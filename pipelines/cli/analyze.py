@@ -27,7 +27,7 @@ def command(
     (accuracy and gap tables, bound order vs measured gap, intruder curves, landscapes) to the sweep's run."""
     from pipelines.analysis.run import AnalyzeConfig, run
     from pipelines.progress import bar, console as make_console
-    from workers.training.analysis import check_analyses
+    from workers.training.analysis import AnalysisSettings, check_analyses
 
     try:
         chosen = check_analyses(names(analyses))
@@ -35,10 +35,11 @@ def command(
         raise typer.BadParameter(str(e), param_hint="--analyses") from None
     if not chosen:
         raise typer.BadParameter("name at least one analysis", param_hint="--analyses")
-    for hint, points in (("--landscape-points", landscape_points), ("--landscape-points-2d", landscape_points_2d)):
-        if points is not None and points % 2 == 0:
-            raise typer.BadParameter(f"{points} is even; the grid needs an odd number of points (its centre is "
-                                     "the trained weights)", param_hint=hint)
+    for name, points in (("landscape_points", landscape_points), ("landscape_points_2d", landscape_points_2d)):
+        try:   # the workers' own rule (odd, >= 3), checked before anything downloads
+            AnalysisSettings.from_dict({} if points is None else {name: points})
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--" + name.replace("_", "-")) from None
     cfg = AnalyzeConfig(target=target, analyses=chosen, examples=examples, tracking_uri=tracking_uri,
                         landscape_points=landscape_points, landscape_points_2d=landscape_points_2d)
     console = make_console()

@@ -655,5 +655,5 @@ def load_spec(path: str | Path) -> SweepSpec:
     return SweepSpec.model_validate(read_yaml(path), context={"base_dir": path.parent, "source": str(path)})
 
 
-__all__ = ["AnalysisSettingsSpec", "DatasetSpec", "DeepSpeedSpec", "HYPERPARAMS", "ResourcesSpec", "SchedulerSpec", "SearchSpec",
-           "SpecError", "SweepSpec", "TrainSpec", "load_spec", "model_label"]
+__all__ = ["AnalysisSettingsSpec", "DatasetSpec", "DeepSpeedSpec", "HYPERPARAMS", "ResourcesSpec", "SchedulerSpec",
+           "SearchSpec", "SpecError", "SweepSpec", "TrainSpec", "load_spec", "model_label"]
