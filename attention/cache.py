@@ -9,6 +9,9 @@ is adopted, and the next append moves it into a fresh buffer.
 It also keeps ART's per-block key summaries (channel-wise min and max, as Quest keeps them) up to date as
 positions are appended, so certified mode and the Quest policy need not re-read the whole cache each step:
 `key_bounds(keys, block_size)` finds the layer that owns a keys view handed to an attention function.
+Likewise, when asked for them, the balls of complete blocks (centroid and radius of its keys and of its
+values, as `attention.reference.block_balls` makes them) for box+ball score bounds and the value-aware
+certificate: `block_balls(keys, values, block_size)`.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import weakref
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from attention import reference
 
 
 class GrowingLayer(DynamicLayer):
@@ -28,6 +33,7 @@ class GrowingLayer(DynamicLayer):
         self._len = 0
         self._k = self._v = None         # tensors assigned from outside, not yet in a buffer
         self._bounds = None              # (block_size, summarised complete blocks, kmin, kmax)
+        self._balls = {}                 # "keys"/"values" -> (block_size, summarised complete blocks, center, radius)
         super().__init__()
 
     # keys / values: views of the buffer, or whatever was assigned from outside
@@ -37,7 +43,7 @@ class GrowingLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, value):
-        self._kbuf, self._k, self._bounds = None, value, None
+        self._kbuf, self._k, self._bounds, self._balls = None, value, None, {}
 
     @property
     def values(self):
@@ -45,7 +51,7 @@ class GrowingLayer(DynamicLayer):
 
     @values.setter
     def values(self, value):
-        self._vbuf, self._v = None, value
+        self._vbuf, self._v, self._balls = None, value, {}
 
     def _reserve(self, extra: int, like: torch.Tensor) -> None:
         keys, values = self.keys, self.values
@@ -79,7 +85,7 @@ class GrowingLayer(DynamicLayer):
         if max_length < 0:
             max_length = self.get_seq_length() - abs(max_length)
         if self._kbuf is not None and self.get_seq_length() > max_length:
-            self._len, self._bounds = max_length, None
+            self._len, self._bounds, self._balls = max_length, None, {}
         else:
             super().crop(max_length)
 
@@ -122,6 +128,39 @@ class GrowingLayer(DynamicLayer):
         return kmin, kmax, full
 
 
+    def block_balls(self, block_size: int, keys: bool = True, values: bool = True) -> tuple:
+        """(key centres, key radii, value centres, value radii, n): the balls of the first n = length //
+        block_size (complete) blocks, fp32 (batch, heads, n, dim) and (batch, heads, n), each block
+        summarised once by `attention.reference.block_balls` from its own keys or values (every position
+        valid); None for the kind not asked for (keys / values False)."""
+        n = self._len
+        full = n // block_size
+        out = []
+        for kind, wanted, buf in (("keys", keys, self._kbuf), ("values", values, self._vbuf)):
+            if not wanted:
+                out += [None, None]
+                continue
+            b, h, _, d = buf.shape
+            bs_, done, center, radius = self._balls.get(kind) or (block_size, 0, None, None)
+            if bs_ != block_size or center is None or center.shape[:2] != (b, h) or center.shape[3] != d:
+                done, center, radius = 0, None, None
+            if center is None or center.shape[2] < full:
+                room = max(full, buf.shape[2] // block_size)
+                grown = (torch.empty(b, h, room, d, device=buf.device), torch.empty(b, h, room, device=buf.device))
+                if center is not None:
+                    grown[0][:, :, :done], grown[1][:, :, :done] = center[:, :, :done], radius[:, :, :done]
+                center, radius = grown
+            if full > done:
+                span = slice(done * block_size, full * block_size)
+                valid = torch.ones(b, (full - done) * block_size, dtype=torch.bool, device=buf.device)
+                center[:, :, done:full], radius[:, :, done:full] = reference.block_balls(buf[:, :, span], valid,
+                                                                                         block_size)
+                done = full
+            self._balls[kind] = (block_size, done, center, radius)
+            out += [center[:, :, :full], radius[:, :, :full]]
+        return (*out, full)
+
+
 _OWNERS: dict[int, "weakref.ref[GrowingLayer]"] = {}   # buffer address -> the layer that owns it
 
 
@@ -137,6 +176,24 @@ def key_bounds(keys: torch.Tensor, block_size: int, partial: bool = True):
             del _OWNERS[keys.data_ptr()]
         return None
     return layer.block_key_bounds(block_size, partial)
+
+
+def block_balls(keys: torch.Tensor, values: torch.Tensor, block_size: int, want_keys: bool = True,
+                want_values: bool = True):
+    """The kept ball summaries (key centres, key radii, value centres, value radii, blocks summarised) of
+    the complete blocks of `keys` / `values` if they are a `GrowingLayer`'s cache (as handed to an
+    attention function), else None (the caller computes them from the cache). See
+    `GrowingLayer.block_balls`."""
+    ref = _OWNERS.get(keys.data_ptr())
+    layer = ref() if ref is not None else None
+    if layer is None or layer._kbuf is None or layer._kbuf.data_ptr() != keys.data_ptr() \
+            or layer._len != keys.shape[2] or layer._kbuf.shape[:2] != keys.shape[:2] \
+            or layer._vbuf is None or layer._vbuf.data_ptr() != values.data_ptr() or values.shape[2] != layer._len \
+            or layer._vbuf.shape[:2] != values.shape[:2]:
+        if ref is not None and layer is None:
+            del _OWNERS[keys.data_ptr()]
+        return None
+    return layer.block_balls(block_size, want_keys, want_values)
 
 
 def new_cache(model, growing: bool = True) -> DynamicCache:

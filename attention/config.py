@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-MODES = ("stability", "certified", "off")
+MODES = ("stability", "certified", "skip", "walk", "off")
 ORDERS = ("recency", "bound")
+CERTIFICATES = ("mass", "relative", "absolute")
+SCORE_BOUNDS = ("box", "box+ball")
 
 
 @dataclass(frozen=True)
@@ -14,14 +16,26 @@ class ARTConfig:
 
     mode: "stability" (the paper's criterion: stop after `patience` consecutive blocks that change the
         running output by less than `tau` in magnitude and `phi` in direction), "certified" (stop once a
-        bound from per-block key min/max proves the unvisited softmax mass <= `eps`), or "off" (dense).
+        bound from per-block summaries proves what `certificate` says), "skip" (the industrial keys-only
+        comparator, BLASST / TensorRT-LLM skip-softmax style: every block's keys are read, and a block whose
+        scores all lie below the running max + ln(skip_lambda / context) skips its softmax and values;
+        nothing stops early), "walk" (the ART kernel visiting every candidate block with no check: the
+        baseline that separates ART's skipping from the kernel's own speed), or "off" (dense: SDPA where
+        the caller has it).
     block_size: KV positions per block.
     tau, phi: relative magnitude change and 1 - cosine thresholds of a stable block.
     patience: consecutive stable blocks before stopping (stability mode).
     min_blocks: blocks always visited before any stop is considered.
     sink_tokens: the first positions (attention sinks); their blocks are visited first, never skipped.
     recent_blocks: the newest blocks, visited right after the sinks, never skipped.
-    eps: bound on the unvisited softmax mass in certified mode (error <= 2 eps max ||v||).
+    eps: the certified bound: on the unvisited softmax mass (certificate "mass"; error <= 2 eps max ||v||),
+        on the output error relative to ||o|| ("relative") or absolute ("absolute").
+    certificate: what certified mode bounds: "mass" (keys only), "relative" or "absolute" (value-aware:
+        the error W ||mu_rest - o|| with per-block value centroids and radii; docs/specs/art.md).
+    score_bound: the per-block score bound: "box" (channel min/max, as Quest) or "box+ball" (the minimum of
+        that and the key ball q.c + ||q|| r).
+    skip_lambda: the skip comparator's threshold factor: a block's values are skipped when
+        exp(max score - m) < lambda / T, T the sequence's cached positions.
     order: how blocks after the sink and recent ones are visited when the KV policy gives no scores:
         "recency" (newest first, the paper's) or "bound" (highest key-bound score first, from per-block
         key min/max as Quest ranks pages; certified mode always visits in this order).
@@ -39,12 +53,23 @@ class ARTConfig:
     eps: float = 1e-3
     order: str = "recency"
     enabled: bool = True
+    certificate: str = "mass"
+    score_bound: str = "box"
+    skip_lambda: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"ARTConfig.mode: unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
         if self.order not in ORDERS:
             raise ValueError(f"ARTConfig.order: unknown order {self.order!r}; valid: {', '.join(ORDERS)}")
+        if self.certificate not in CERTIFICATES:
+            raise ValueError(f"ARTConfig.certificate: unknown certificate {self.certificate!r}; "
+                             f"valid: {', '.join(CERTIFICATES)}")
+        if self.score_bound not in SCORE_BOUNDS:
+            raise ValueError(f"ARTConfig.score_bound: unknown score bound {self.score_bound!r}; "
+                             f"valid: {', '.join(SCORE_BOUNDS)}")
+        if not float(self.skip_lambda) > 0:
+            raise ValueError(f"ARTConfig.skip_lambda must be > 0, got {self.skip_lambda!r}")
         for name in ("block_size", "patience", "min_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -56,7 +81,10 @@ class ARTConfig:
         for name in ("tau", "phi"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"ARTConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= float(self.eps) < 1:
+        if self.certificate == "absolute":
+            if not float(self.eps) >= 0:
+                raise ValueError(f"ARTConfig.eps must be >= 0, got {self.eps!r}")
+        elif not 0 <= float(self.eps) < 1:
             raise ValueError(f"ARTConfig.eps must be in [0, 1), got {self.eps!r}")
 
     @property
@@ -67,6 +95,16 @@ class ARTConfig:
     def uses_bounds(self) -> bool:
         """Whether decoding needs the per-block key bounds (certified mode, bound order)."""
         return self.active and (self.mode == "certified" or self.order == "bound")
+
+    @property
+    def uses_ball(self) -> bool:
+        """Whether the score bounds also need the key balls (centroid, radius) per block."""
+        return self.uses_bounds and self.score_bound == "box+ball"
+
+    @property
+    def uses_values(self) -> bool:
+        """Whether the stop needs the value balls per block (the value-aware certificate)."""
+        return self.active and self.mode == "certified" and self.certificate != "mass"
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ARTConfig":
@@ -89,8 +127,15 @@ class ARTConfig:
 
 
 def parse_art(text: str) -> ARTConfig:
-    """A preset name with optional overrides: "tuned" or "tuned+tau=3e-3+block_size=32+order=bound"."""
-    name, *pairs = text.split("+")
+    """A preset name with optional overrides: "tuned" or "tuned+tau=3e-3+block_size=32+order=bound"
+    ("certified+score_bound=box+ball": a value may contain "+")."""
+    name, *parts = text.split("+")
+    pairs: list[str] = []
+    for part in parts:   # a value may hold "+" itself (score_bound=box+ball): a part without "=" continues it
+        if "=" not in part and pairs:
+            pairs[-1] += "+" + part
+        else:
+            pairs.append(part)
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -136,4 +181,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tuned": dict(mode="stability", tau=1e-3, phi=1e-4, patience=5, block_size=64, order="bound"),
     # The speed side of the same sweep: skips 60-80% of the blocks at 2K-4K but loses passkeys there.
     "aggressive": dict(mode="stability", tau=1e-2, phi=1e-3, patience=3, block_size=32, order="bound"),
+    # The industrial comparator (BLASST / TensorRT-LLM skip-softmax style: keys read, faint blocks' values not).
+    "skip": dict(mode="skip", skip_lambda=1e-3),
+    # Every block through the ART kernel, no termination: the baseline of ART's own contribution.
+    "walk": dict(mode="walk"),
 }

@@ -57,8 +57,8 @@ class _LayerState:
     seconds: float = 0.0       # wall time inside decode attention calls
     verify: bool = False       # certified mode: check the error bound against exact attention
     checked: int = 0           # outputs (step x sequence x query head) checked
-    violations: int = 0        # of those, errors above 2 eps max||v||
-    worst: float = 0.0         # largest error / (2 eps max||v||)
+    violations: int = 0        # of those, errors above the certificate's limit
+    worst: float = 0.0         # largest error / that limit
 
 
 @dataclass
@@ -71,8 +71,8 @@ class ARTStatsSummary:
     attention_seconds: float   # wall time of all decode attention calls (every layer, every step)
     per_layer: dict[int, tuple[int, int]] = field(repr=False)   # layer -> (visited, candidates)
     bound_checked: int = 0     # with verify_bound: certified outputs compared with exact attention
-    bound_violations: int = 0  # of those, errors above 2 eps max||v|| (the certified guarantee)
-    bound_worst: float = 0.0   # largest error / (2 eps max||v||) seen
+    bound_violations: int = 0  # of those, errors above the certificate's limit
+    bound_worst: float = 0.0   # largest error / that limit seen
 
     @property
     def skipped_fraction(self) -> float:
@@ -113,8 +113,12 @@ def _art_attention(module, query, key, value, attention_mask, dropout: float = 0
         n_blocks = math.ceil(key.shape[2] / cfg.block_size)
         budget = max(1, math.ceil((1.0 - state.quest_ratio) * n_blocks))
     start = time.perf_counter()
-    impl = resolve(state.impl, query.device, cfg.block_size)
+    impl = resolve(state.impl, query.device, cfg.block_size, cfg)
     wants_bounds = cfg.uses_bounds or (cfg.active and budget is not None)
+    balls = None
+    if cfg.uses_ball or cfg.uses_values:   # kept with our cache for the complete blocks, else None
+        kept = kv_cache.block_balls(key, value, cfg.block_size, cfg.uses_ball, cfg.uses_values)
+        balls = kept[:4] if kept else None
     if impl == "cpu" and cfg.active:   # the lean path: no per-head stats, bounds of new blocks in the kernel
         from attention.kernels.cpu import decode_step
 
@@ -122,40 +126,46 @@ def _art_attention(module, query, key, value, attention_mask, dropout: float = 0
         out, visited, candidates = decode_step(
             query, key, value, cfg, scaling if scaling is not None else query.shape[-1] ** -0.5,
             key_padding_mask=key_mask, key_bounds=kept[:2] if kept else None, bounds_done=kept[2] if kept else None,
-            block_budget=budget)
+            block_budget=budget, balls=balls)
     else:
         if wants_bounds:   # kept with our cache, else computed per step from the keys
             kept = kv_cache.key_bounds(key, cfg.block_size)
             bounds = tuple(x[:, :, : kept[2]] for x in kept[:2]) if kept else None
         out, stats = decode_attention(query, key, value, cfg, impl=impl, key_padding_mask=key_mask,
-                                      scale=scaling, key_bounds=bounds, block_budget=budget)
+                                      scale=scaling, key_bounds=bounds, block_budget=budget, balls=balls)
         out = out.transpose(1, 2)
         visited, candidates = int(stats.visited_blocks.sum()), int(stats.candidate_blocks.sum())
     state.seconds += time.perf_counter() - start
     if state.verify and cfg.mode == "certified":
-        _check_bound(state, query, key, value, key_mask, scaling, bounds, budget, impl)
+        _check_bound(state, query, key, value, key_mask, scaling, bounds, budget, impl, balls)
     state.calls += 1
     state.visited += visited
     state.candidates += candidates
     return out.contiguous(), None
 
 
-def _check_bound(state: _LayerState, query, key, value, key_mask, scale, bounds, budget, impl) -> None:
+def _check_bound(state: _LayerState, query, key, value, key_mask, scale, bounds, budget, impl, balls=None) -> None:
     """Certified mode's guarantee on this call, in fp32 (outside the timed part): the ART output is within
-    2 eps max||v|| of exact attention over the same candidates (the whole cache without a Quest budget)."""
+    its certificate's limit of exact attention over the same candidates (the whole cache without a Quest
+    budget): 2 eps max||v|| ("mass"), eps ||o|| ("relative") or eps ("absolute")."""
 
     cfg = state.config
     q, k, v = query.float(), key.float(), value.float()
     out, _ = decode_attention(q, k, v, cfg, impl=impl, key_padding_mask=key_mask, scale=scale, key_bounds=bounds,
-                              block_budget=budget)
+                              block_budget=budget, balls=balls)
     exact, _ = decode_attention(q, k, v, cfg.with_overrides(mode="off"), impl=impl, key_padding_mask=key_mask,
                                 scale=scale, key_bounds=bounds, block_budget=budget)
     err = (out - exact).norm(dim=-1).squeeze(-1)                       # (batch, q_heads)
-    vnorm = v.norm(dim=-1)
-    if key_mask is not None:
-        vnorm = vnorm.masked_fill(~key_mask[:, None, :], 0.0)
-    vmax = vnorm.amax(-1).repeat_interleave(q.shape[1] // k.shape[1], 1)
-    ratio = err / (2 * cfg.eps * vmax).clamp_min(1e-30)
+    if cfg.certificate == "mass":
+        vnorm = v.norm(dim=-1)
+        if key_mask is not None:
+            vnorm = vnorm.masked_fill(~key_mask[:, None, :], 0.0)
+        limit = 2 * cfg.eps * vnorm.amax(-1).repeat_interleave(q.shape[1] // k.shape[1], 1)
+    elif cfg.certificate == "relative":   # relative to the returned output, as the kernel certifies it
+        limit = cfg.eps * out.norm(dim=-1).squeeze(-1)
+    else:
+        limit = torch.full_like(err, cfg.eps)
+    ratio = err / limit.clamp_min(1e-30)
     state.checked += ratio.numel()
     state.violations += int((ratio > 1.0).sum())
     state.worst = max(state.worst, float(ratio.max()))
@@ -256,5 +266,5 @@ def enable_art(model: nn.Module, config: ARTConfig, policy: str = "dense", polic
     Decoding from `attention.new_cache(model)` (pass it as `past_key_values`) appends in place and keeps
     the per-block key summaries that certified mode and Quest need, instead of recomputing them.
     verify_bound: in certified mode, also check every decode call's output against exact fp32 attention
-    (error <= 2 eps max||v||) and count violations in `art_stats()` (slow: for evaluation, not serving)."""
+    (within its certificate's limit) and count violations in `art_stats()` (slow: for evaluation, not serving)."""
     return ARTSession(model, config, policy, policy_ratio, impl, verify_bound)

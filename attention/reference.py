@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from attention.config import ARTConfig
 
 STOP_EXHAUSTED, STOP_STABLE, STOP_CERTIFIED = 0, 1, 2
+RADIUS_SLACK = 1e-5   # balls' radii grow by this (relative) so fp32 rounding never lets a vector escape
 
 
 @dataclass
 class ARTStats:
     """Per (sequence, KV head): blocks that held candidate positions, blocks visited, why it stopped
-    (0 walked every candidate, 1 stable, 2 certified) and which blocks were visited (block order)."""
+    (0 walked every candidate, 1 stable, 2 certified) and which blocks were visited. In skip mode every
+    candidate block's keys are read and `visited` counts the blocks whose values were read."""
 
     visited_blocks: torch.Tensor      # (batch, kv_heads) int64
     candidate_blocks: torch.Tensor    # (batch, kv_heads) int64
@@ -84,6 +86,95 @@ def block_key_bounds(k: torch.Tensor, valid: torch.Tensor, block_size: int):
     return kmin, kmax
 
 
+def block_balls(x: torch.Tensor, valid: torch.Tensor, block_size: int):
+    """Per block, the ball holding its valid vectors: centroid (batch, kv_heads, n_blocks, d) fp32 and
+    radius max ||x - centroid|| (batch, kv_heads, n_blocks), grown by RADIUS_SLACK; 0 and 0 for blocks
+    without valid positions (NaN at invalid positions is never read)."""
+    b, h, t, d = x.shape
+    nb = math.ceil(t / block_size)
+    pad = nb * block_size - t
+    xf = F.pad(x.float(), (0, 0, 0, pad)).view(b, h, nb, block_size, d)
+    vb = F.pad(valid, (0, pad)).view(b, 1, nb, block_size, 1)
+    xf = xf.masked_fill(~vb, 0.0)
+    center = xf.sum(3) / vb.sum(3).clamp_min(1)
+    radius = (xf - center[:, :, :, None]).norm(dim=-1).masked_fill(~vb[..., 0], 0.0).amax(3)
+    return center, radius * (1 + RADIUS_SLACK)
+
+
+def complete_balls(x: torch.Tensor, valid: torch.Tensor, block_size: int, kept=None):
+    """`block_balls(x, valid, block_size)`, reusing kept balls of the first blocks: kept is None or
+    (center (b, h, done, d), radius (b, h, done)) fp32 of the first `done` complete blocks, each made by
+    `block_balls` from that block's own vectors with every position valid (as `attention.cache` keeps them);
+    only the other blocks are summarised from x, with the same function, so the result is what
+    `block_balls` gives on the whole of x. A kept block holding a position `valid` masks is recomputed."""
+    if kept is None or kept[0] is None:
+        return block_balls(x, valid, block_size)
+    center, radius = kept
+    b, h, t, d = x.shape
+    done = center.shape[2]
+    if center.shape[:2] != (b, h) or center.shape[3] != d or radius.shape != center.shape[:3] \
+            or done * block_size > t:
+        raise ValueError(f"kept balls must be ({b}, {h}, <= {t // block_size}, {d}) centres and matching radii, "
+                         f"got {tuple(center.shape)}, {tuple(radius.shape)}")
+    parts = [(center.float(), radius.float())]
+    if t > done * block_size:
+        parts.append(block_balls(x[:, :, done * block_size:], valid[:, done * block_size:], block_size))
+    center, radius = torch.cat([c for c, _ in parts], 2), torch.cat([r for _, r in parts], 2)
+    if done:   # kept blocks holding a masked position (left padding) are summarised again, with the mask
+        masked = ~valid[:, : done * block_size].reshape(valid.shape[0], done, block_size).all(-1).all(0)
+        if bool(masked.any()):
+            redo = masked.nonzero()[:, 0]
+            xs = x[:, :, : done * block_size].unflatten(2, (done, block_size))[:, :, redo].flatten(2, 3)
+            vs = valid[:, : done * block_size].unflatten(1, (done, block_size))[:, redo].flatten(1, 2)
+            center[:, :, redo], radius[:, :, redo] = block_balls(xs, vs, block_size)
+    return center, radius
+
+
+def ball_bounds(q_scaled: torch.Tensor, center: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """ub[b, h, g, j] >= every score of block j from its key ball: q.c_j + ||q|| r_j."""
+    return (torch.einsum("bhgd,bhnd->bhgn", q_scaled, center)
+            + q_scaled.norm(dim=-1)[..., None] * radius[:, :, None, :])
+
+
+def value_spread(v: torch.Tensor, valid: torch.Tensor, block_size: int, n_valid: torch.Tensor):
+    """For the value-aware certificate: a per-(sequence, KV head) point C (the valid values' mean, from
+    the block centroids) and per block s_j = r_j + ||c_j - C|| (every value of block j lies within s_j of
+    C); C (b, hkv, d), s (b, hkv, nb). Any C gives a valid bound; the mean keeps it small."""
+    return value_spread_from_balls(*block_balls(v, valid, block_size), n_valid)
+
+
+def value_spread_from_balls(center: torch.Tensor, radius: torch.Tensor, n_valid: torch.Tensor):
+    """`value_spread` from the value balls (center, radius) of every block (as `block_balls` gives them)."""
+    w = n_valid[:, None, :, None].float()
+    mean = (center * w).sum(2) / w.sum(2).clamp_min(1)
+    spread = radius + (center - mean[:, :, None]).norm(dim=-1)
+    return mean, spread * (1 + RADIUS_SLACK)
+
+
+def row_valid(t: int, begins: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(b, t) bool: positions [begins[i], ends[i]) of each batch entry's row, on their device, no read-back."""
+    pos = torch.arange(t, device=ends.device)
+    return (pos >= begins[:, None]) & (pos < ends[:, None])
+
+
+def rows_summaries(k, v, cfg: ARTConfig, rows, begins, ends, n_valid):
+    """The ball summaries a `decode_rows` batch needs for `cfg`, from the rows' keys and values (b rows
+    gathered, never the pool): ((key centers, key radii) or None, (value mean, value spread) or None), as
+    `block_balls` and `value_spread` give them per row over positions [begins, ends); n_valid (b, nb)."""
+    valid = row_valid(k.shape[2], begins, ends)
+    balls = block_balls(k[rows], valid, cfg.block_size) if cfg.uses_ball else None
+    values = value_spread(v[rows], valid, cfg.block_size, n_valid) if cfg.uses_values else None
+    return balls, values
+
+
+def certified_error(rest, weighted, top_spread, l, o, mean):
+    """The value-aware bound on ||o_exact - o|| per query head, given the unvisited mass bound
+    rest = sum n_j exp(ub_j - m), weighted = sum n_j exp(ub_j - m) s_j and top_spread = max s_j over the
+    unvisited blocks: min(W (||C - o|| + max s), (||C - o|| rest + weighted) / l), W = rest / (l + rest)."""
+    to_mean = (o - mean).norm(dim=-1)
+    return torch.minimum(rest / (l + rest) * (to_mean + top_spread), (to_mean * rest + weighted) / l)
+
+
 def upper_bounds(q_scaled: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """ub[b, h, g, j] >= every score of block j: sum_c max(q_c kmin_c, q_c kmax_c). q_scaled is
     (batch, kv_heads, group, d) with the softmax scale folded in."""
@@ -126,12 +217,17 @@ class Walk:
     ub: torch.Tensor | None    # (b, hkv, g, nb) score upper bounds (certified mode, Quest)
     scale: float
     block_size: int
+    mean: torch.Tensor | None = None     # (b, hkv, d) value-aware certificate: the point C
+    spread: torch.Tensor | None = None   # (b, hkv, nb) and each block's s_j (see `value_spread`)
+    skip_log: torch.Tensor | None = None  # (b,) skip mode: ln(skip_lambda / context) per sequence
 
 
 def plan_walk(q, k, v, cfg: ARTConfig, block_scores=None, key_padding_mask=None, lengths=None,
-              scale: float | None = None, key_bounds=None, block_budget: int | None = None) -> Walk:
+              scale: float | None = None, key_bounds=None, block_budget: int | None = None, balls=None) -> Walk:
     """block_budget: the Quest policy, keep only that many blocks per (sequence, KV head), the ones
-    with the highest key-bound score for this query (sink and recent blocks always kept)."""
+    with the highest key-bound score for this query (sink and recent blocks always kept).
+    balls: None or kept (key centres, key radii, value centres, value radii) of the first complete blocks
+    (any may be None; see `complete_balls`), so only the other blocks are summarised from k and v."""
     b, hq, hkv, t, d = check_shapes(q, k, v)
     if block_budget is not None and (isinstance(block_budget, bool) or block_budget < 1):
         raise ValueError(f"block_budget must be a positive number of blocks, got {block_budget!r}")
@@ -149,6 +245,8 @@ def plan_walk(q, k, v, cfg: ARTConfig, block_scores=None, key_padding_mask=None,
     if cfg.uses_bounds or block_budget is not None:
         kmin, kmax = key_bounds if key_bounds is not None else block_key_bounds(k, valid, bs)
         ub = upper_bounds(qs, kmin, kmax)
+        if cfg.uses_ball:
+            ub = torch.minimum(ub, ball_bounds(qs, *complete_balls(k, valid, bs, balls[:2] if balls else None)))
         if cfg.mode == "certified" or score is None:
             score = ub.amax(2)
     last_block = (t - 1 - valid.flip(-1).int().argmax(-1)) // bs
@@ -158,7 +256,13 @@ def plan_walk(q, k, v, cfg: ARTConfig, block_scores=None, key_padding_mask=None,
         kept = torch.arange(nb, device=k.device) < keep[..., None]
         cand = cand & torch.zeros_like(kept).scatter(-1, order, kept)
     need = torch.maximum(n_protected, torch.full_like(n_protected, cfg.min_blocks))
-    return Walk(valid, n_valid, cand, order, need, qs, ub, scale, bs)
+    walk = Walk(valid, n_valid, cand, order, need, qs, ub, scale, bs)
+    if cfg.uses_values:
+        walk.mean, walk.spread = value_spread_from_balls(
+            *complete_balls(v, valid, bs, balls[2:] if balls else None), n_valid)
+    if cfg.active and cfg.mode == "skip":
+        walk.skip_log = math.log(cfg.skip_lambda) - torch.log(valid.sum(-1).float())
+    return walk
 
 
 def dense_result(q, k, v, walk: Walk) -> tuple[torch.Tensor, ARTStats]:
@@ -195,7 +299,7 @@ def dense_off(q, k, v, cfg: ARTConfig, key_padding_mask=None, lengths=None, scal
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ARTConfig,
                      block_scores: torch.Tensor | None = None, *, key_padding_mask=None, lengths=None,
                      scale: float | None = None, key_bounds=None,
-                     block_budget: int | None = None) -> tuple[torch.Tensor, ARTStats]:
+                     block_budget: int | None = None, balls=None) -> tuple[torch.Tensor, ARTStats]:
     """Decode attention with ART on top of the given KV (already reduced by any KV policy).
 
     q: (batch, q_heads, 1, d); k, v: (batch, kv_heads, T, d), GQA when q_heads > kv_heads.
@@ -203,11 +307,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ART
     key_padding_mask (batch, T) True where attendable, or lengths (batch,): ragged batches.
     key_bounds: optional precomputed (kmin, kmax) from `block_key_bounds` (kept with the cache).
     block_budget: the Quest policy (query-aware block selection from the same key bounds).
+    balls: optional kept (key centres, key radii, value centres, value radii) of the first complete blocks
+    (as `attention.cache` keeps them; see `plan_walk`).
     Returns the output (batch, q_heads, 1, d) in q's dtype and the per-(sequence, kv head) stats.
     """
     if not cfg.active and block_budget is None:
         return dense_off(q, k, v, cfg, key_padding_mask, lengths, scale)
-    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget)
+    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget,
+                     balls)
     if not cfg.active:
         return dense_result(q, k, v, walk)
     b, hq, hkv, t, d = check_shapes(q, k, v)
@@ -239,6 +346,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ART
             break
         s = torch.einsum("bhgd,bhtd->bhgt", qs, kf[bi, hi, blk])
         s = s.masked_fill(~valid_b[bi, blk][:, :, None, :], -math.inf)
+        if cfg.mode == "skip":   # keys read; the softmax and values only where some score may still count
+            faint = (s.amax(-1) - m < walk.skip_log[:, None, None]).all(-1)
+            step = step & ~faint
         m_new = torch.maximum(m, s.amax(-1))
         alpha = torch.exp(m - m_new)
         p = torch.exp(s - m_new[..., None])
@@ -260,11 +370,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ART
             stable_run = torch.where(checked, torch.where(stable, stable_run + 1, 0), stable_run)
             stop = may_stop & checked & (stable_run >= cfg.patience)
             reason = torch.where(stop, STOP_STABLE, reason)
-        else:
+        elif cfg.mode == "certified":
             unvisited = (cand & ~visited_mask)[:, :, None, :]
-            rest = (n_valid[:, None, None, :] * torch.exp(ub - m[..., None])).masked_fill(~unvisited, 0.0).sum(-1)
-            stop = may_stop & (rest / (l + rest) <= cfg.eps).all(-1)
+            mass = (n_valid[:, None, None, :] * torch.exp(ub - m[..., None])).masked_fill(~unvisited, 0.0)
+            rest = mass.sum(-1)
+            if cfg.certificate == "mass":
+                ok = rest / (l + rest) <= cfg.eps
+            else:
+                spread = walk.spread[:, :, None, :]
+                top = spread.masked_fill(~unvisited, 0.0).amax(-1)
+                err = certified_error(rest, (mass * spread).sum(-1), top, l, o, walk.mean[:, :, None, :])
+                ok = err <= cfg.eps * (o.norm(dim=-1) if cfg.certificate == "relative" else 1.0)
+            stop = may_stop & ok.all(-1)
             reason = torch.where(stop, STOP_CERTIFIED, reason)
+        else:
+            stop = torch.zeros_like(step)
         o_prev = torch.where(st[..., None], o, o_prev)
         active &= ~stop
 
@@ -304,6 +424,8 @@ def check_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_
         for x in (kmin, kmax):
             if x.dim() != 4 or x.shape[0] < k.shape[0] or x.shape[1] != hkv or x.shape[2] < need or x.shape[3] != d:
                 raise ValueError(f"key_bounds must be ({k.shape[0]}, {hkv}, >= {need}, {d}), got {tuple(x.shape)}")
+            if x.device != k.device:
+                raise ValueError(f"key_bounds must be on k's device ({k.device}), got {x.device}")
     return b, hq, hkv, t, d
 
 

@@ -23,7 +23,8 @@ typedef struct {
     int64_t sk_b, sk_h, sk_t; /* key strides in elements (the head dim is contiguous) */
     int64_t sv_b, sv_h, sv_t;
     int64_t sb_b, sb_h, sb_j; /* key-bound (kmin, kmax) strides in elements (the head dim is contiguous) */
-    int32_t mode;             /* 0 walk every candidate, 1 stability, 2 certified */
+    int32_t mode;             /* 0 walk every candidate, 1 stability, 2 certified, 3 skip (the keys-only
+                                 comparator: every candidate's keys scored, faint blocks' values skipped) */
     int32_t patience, min_blocks, sink_tokens, recent_blocks;
     int32_t budget;           /* Quest: keep this many blocks per task (0: all) */
     int32_t quest;            /* Quest by ratio: keep max(1, ceil(quest_keep * candidate blocks)) per task */
@@ -34,10 +35,15 @@ typedef struct {
     float tau, phi, eps;
     float scale;              /* softmax scale, for the bf16 dot path (q unscaled there) */
     double quest_keep;        /* 1 - Quest's drop ratio, in double as Python computes the budget */
+    int32_t certificate;      /* certified mode: 0 mass, 1 relative, 2 absolute (value-aware: needs vmean, vspread) */
 } Params;
 
 /* The tensors of one call (NULL where absent). Batch entry i reads k, v, kmin, kmax at pool row rows[i]
- * (rows NULL: row i); starts / lengths bound its valid positions (NULL: 0 / T, then `valid` may mask). */
+ * (rows NULL: row i); starts / lengths bound its valid positions (NULL: 0 / T, then `valid` may mask).
+ * The ball summaries are per batch entry (never per pool row), fp32 contiguous, computed on the host with
+ * the reference's own functions: kc (B, HKV, NB, D) key centroids and kr (B, HKV, NB) key radii (box+ball
+ * score bounds), vmean (B, HKV, D) and vspread (B, HKV, NB) (the value-aware certificate), skip_log (B)
+ * (skip mode: ln(skip_lambda / valid positions)). */
 typedef struct {
     const void *q, *k, *v;
     const uint8_t *valid;
@@ -46,6 +52,7 @@ typedef struct {
     void *out;
     int32_t *visited, *ncand, *reason;
     uint8_t *vmask;
+    const float *kc, *kr, *vmean, *vspread, *skip_log;
 } Buffers;
 
 typedef struct {
@@ -171,7 +178,7 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
     int32_t *order = malloc(sizeof(int32_t) * NB);
     Slot *slots = malloc(sizeof(Slot) * NB);
     float *ub = NULL;
-    double *suffix = NULL;
+    double *suffix = NULL, *wsuffix = NULL, *smax = NULL;
     float *s = malloc(sizeof(float) * G * BS);
     float *acc = calloc((size_t)G * D, sizeof(float));
     float *o = malloc(sizeof(float) * G * D);
@@ -220,6 +227,12 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
     const int use_bounds = P->mode == 2 || budget > 0 || P->order_bound;
     if (use_bounds) {   /* ub[g][j] >= every score of block j: sum_c max(q_c kmin_c, q_c kmax_c) */
         ub = malloc(sizeof(float) * G * NB);
+        float qnorm[64];
+        for (int g = 0; g < G; g++) {
+            float qq = 0.f;
+            for (int c = 0; c < D; c++) qq += qt[g * D + c] * qt[g * D + c];
+            qnorm[g] = sqrtf(qq);
+        }
         float *lo_new = malloc(sizeof(float) * D), *hi_new = malloc(sizeof(float) * D);
         const int64_t kb = r * P->sb_b + h * P->sb_h;
         for (int j = first; j < nb_row; j++) {
@@ -242,12 +255,19 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
                 lo = lo_new;
                 hi = hi_new;
             }
+            const float *cj = A->kc ? A->kc + (task * (int64_t)NB + j) * D : NULL;
             for (int g = 0; g < G; g++) {
                 const float *qg = qt + g * D;
                 float acc_ub = 0.f;
                 for (int c = 0; c < D; c++) {
                     float a = qg[c] * lo[c], z = qg[c] * hi[c];
                     acc_ub += a > z ? a : z;
+                }
+                if (cj) {   /* box+ball: also q.c_j + ||q|| r_j (Cauchy-Schwarz on the key ball) */
+                    float dot = 0.f;
+                    for (int c = 0; c < D; c++) dot += qg[c] * cj[c];
+                    const float ball = dot + qnorm[g] * A->kr[task * (int64_t)NB + j];
+                    acc_ub = ball < acc_ub ? ball : acc_ub;
                 }
                 ub[g * NB + j] = nvalid[j] ? acc_ub : NEG;
             }
@@ -291,26 +311,42 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
     const int need = n_protected > P->min_blocks ? n_protected : P->min_blocks;
 
     double ref[64];
+    const int values = P->mode == 2 && P->certificate != 0;   /* the value-aware certificate */
+    const float *spread = values ? A->vspread + task * (int64_t)NB : NULL;
     if (P->mode == 2) {   /* suffix[g][i]: bound on the mass of order[i:], relative to exp(ref_g) */
         suffix = malloc(sizeof(double) * G * (n_cand + 1));
+        if (values) {     /* and wsuffix[g][i] = sum n_b exp(ub_b - ref_g) s_b, smax[i] = max s_b over order[i:] */
+            wsuffix = malloc(sizeof(double) * G * (n_cand + 1));
+            smax = malloc(sizeof(double) * (n_cand + 1));
+            smax[n_cand] = 0.0;
+            for (int i = n_cand - 1; i >= 0; i--) smax[i] = fmax(smax[i + 1], (double)spread[order[i]]);
+        }
         for (int g = 0; g < G; g++) {
             ref[g] = NEG;
             for (int i = 0; i < n_cand; i++) ref[g] = fmax(ref[g], (double)ub[g * NB + order[i]]);
-            double acc_s = 0.0;
+            double acc_s = 0.0, acc_w = 0.0;
             suffix[g * (n_cand + 1) + n_cand] = 0.0;
+            if (values) wsuffix[g * (n_cand + 1) + n_cand] = 0.0;
             for (int i = n_cand - 1; i >= 0; i--) {
                 int blk = order[i];
-                acc_s += nvalid[blk] * exp((double)ub[g * NB + blk] - ref[g]);
+                const double mass = nvalid[blk] * exp((double)ub[g * NB + blk] - ref[g]);
+                acc_s += mass;
                 suffix[g * (n_cand + 1) + i] = acc_s;
+                if (values) {
+                    acc_w += mass * (double)spread[blk];
+                    wsuffix[g * (n_cand + 1) + i] = acc_w;
+                }
             }
         }
     }
+    const float skip_log = P->mode == 3 ? A->skip_log[b] : 0.f;
 
     for (int g = 0; g < G; g++) { m[g] = NEG; l[g] = 0.f; }
     int visited = 0, run = 0, reason = 0;
+    float bmax[64];
 
-    while (visited < n_cand && reason == 0) {
-        const int blk = order[visited];
+    for (int pos = 0; pos < n_cand && reason == 0; pos++) {   /* pos: blocks of the order read so far */
+        const int blk = order[pos];
         int t0, t_hi;
         block_span(blk, BS, row_start, row_end, &t0, &t_hi);
         const int n = t_hi - t0;
@@ -339,9 +375,22 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
             }
         }
         for (int g = 0; g < G; g++) {
-            float *sg = s + g * BS;
+            const float *sg = s + g * BS;
             float bm = NEG;
             for (int t = 0; t < n; t++) bm = sg[t] > bm ? sg[t] : bm;
+            bmax[g] = bm;
+        }
+        if (P->mode == 3) {   /* skip: every head's best score below m + ln(lambda / T): no softmax, no values */
+            int faint = 1;
+            for (int g = 0; g < G && faint; g++) {
+                const float rise = bmax[g] - m[g];
+                if (!(rise < skip_log)) faint = 0;
+            }
+            if (faint) continue;
+        }
+        for (int g = 0; g < G; g++) {
+            float *sg = s + g * BS;
+            const float bm = bmax[g];
             float m_new = bm > m[g] ? bm : m[g];
             alpha[g] = expf(m[g] - m_new);
             float sum = 0.f;
@@ -400,9 +449,31 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
             if (may_stop && run >= P->patience) reason = 1;
         } else if (P->mode == 2 && may_stop) {   /* certified: bound on the unvisited mass <= eps */
             int ok = 1;
+            const int next = pos + 1;   /* the unvisited candidates are order[next:n_cand] */
             for (int g = 0; g < G && ok; g++) {
-                double rest = suffix[g * (n_cand + 1) + visited] * exp(ref[g] - (double)m[g]);
-                if (!(rest / ((double)l[g] + rest) <= (double)P->eps)) ok = 0;
+                const double lift = exp(ref[g] - (double)m[g]);
+                const double rest = suffix[g * (n_cand + 1) + next] * lift;
+                const double lg = (double)l[g];
+                if (!values) {
+                    if (!(rest / (lg + rest) <= (double)P->eps)) ok = 0;
+                    continue;
+                }
+                /* value-aware: min(A, B) with A = W (||C - o|| + max s), B = (||C - o|| R + sum n_b e^(ub_b - m) s_b) / l */
+                const float inv = 1.f / l[g];
+                const float *cg = A->vmean + (int64_t)task * D;
+                double to_mean = 0.0, onorm = 0.0;
+                for (int c = 0; c < D; c++) {
+                    const double oc = (double)(acc[g * D + c] * inv);
+                    to_mean += (oc - cg[c]) * (oc - cg[c]);
+                    onorm += oc * oc;
+                }
+                to_mean = sqrt(to_mean);
+                const double weighted = wsuffix[g * (n_cand + 1) + next] * lift;
+                const double bound_a = rest / (lg + rest) * (to_mean + smax[next]);
+                const double bound_b = (to_mean * rest + weighted) / lg;
+                const double err = bound_a < bound_b ? bound_a : bound_b;
+                const double limit = (double)P->eps * (P->certificate == 1 ? sqrt(onorm) : 1.0);
+                if (!(err <= limit)) ok = 0;
             }
             if (ok) reason = 2;
         }
@@ -434,7 +505,7 @@ static inline __attribute__((always_inline)) void walk_task_d(const Params *P, c
     A->ncand[task] = n_cand;
     A->reason[task] = reason;
 
-    free(nvalid); free(order); free(slots); free(ub); free(suffix);
+    free(nvalid); free(order); free(slots); free(ub); free(suffix); free(wsuffix); free(smax);
     free(s); free(acc); free(o); free(o_prev); free(row); free(qt);
 }
 
@@ -462,12 +533,21 @@ static int run_tasks(const Params *P, const Buffers *A, int64_t *totals) {
     return 0;
 }
 
+/* the summaries a criterion reads are there (the key balls need both centroids and radii) */
+static int summaries_missing(const Params *P, const Buffers *A) {
+    return (P->mode == 3 && !A->skip_log) || (P->mode == 2 && P->certificate != 0 && (!A->vmean || !A->vspread))
+        || (!A->kc != !A->kr);
+}
+
 /* q: (batch, q_heads, D) in q_dtype, unscaled; out: the same shape and dtype. visited, ncand, reason: per
  * (sequence, KV head); totals[0..1]: their visited and candidate sums. vmask may be NULL. */
 int art_decode(const Params *P, const void *q, const void *k, const void *v, const uint8_t *valid,
                const float *kmin, const float *kmax, const float *scores, const int32_t *order, void *out,
-               int32_t *visited, int32_t *ncand, int32_t *reason, uint8_t *vmask, int64_t *totals) {
-    const Buffers A = {q, k, v, valid, kmin, kmax, scores, order, NULL, NULL, NULL, out, visited, ncand, reason, vmask};
+               int32_t *visited, int32_t *ncand, int32_t *reason, uint8_t *vmask, int64_t *totals,
+               const float *kc, const float *kr, const float *vmean, const float *vspread, const float *skip_log) {
+    const Buffers A = {q, k, v, valid, kmin, kmax, scores, order, NULL, NULL, NULL, out, visited, ncand, reason, vmask,
+                       kc, kr, vmean, vspread, skip_log};
+    if (summaries_missing(P, &A)) return 3;
     return run_tasks(P, &A, totals);
 }
 
@@ -476,8 +556,11 @@ int art_decode(const Params *P, const void *q, const void *k, const void *v, con
  * [starts[i], lengths[i]) (starts NULL: from 0). q, out, visited, ncand, reason, totals as in art_decode. */
 int art_decode_rows(const Params *P, const void *q, const void *k, const void *v, const int32_t *rows,
                     const int32_t *starts, const int32_t *lengths, const float *kmin, const float *kmax, void *out,
-                    int32_t *visited, int32_t *ncand, int32_t *reason, int64_t *totals) {
+                    int32_t *visited, int32_t *ncand, int32_t *reason, int64_t *totals,
+                    const float *kc, const float *kr, const float *vmean, const float *vspread, const float *skip_log) {
     if (!lengths) return 2;
-    const Buffers A = {q, k, v, NULL, kmin, kmax, NULL, NULL, rows, starts, lengths, out, visited, ncand, reason, NULL};
+    const Buffers A = {q, k, v, NULL, kmin, kmax, NULL, NULL, rows, starts, lengths, out, visited, ncand, reason, NULL,
+                       kc, kr, vmean, vspread, skip_log};
+    if (summaries_missing(P, &A)) return 3;
     return run_tasks(P, &A, totals);
 }

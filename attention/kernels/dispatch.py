@@ -36,24 +36,46 @@ def _triton_ok() -> bool:
     return True
 
 
-def resolve(impl: str, device: torch.device, block_size: int) -> str:
-    """The implementation `impl` means for tensors on `device` ("auto": the fastest that runs there). The
-    Triton kernel takes any block size (it pads blocks inside), so on CUDA only a missing Triton falls back."""
+# The criteria each compiled kernel implements beyond stability and the mass certificate: "skip" (the
+# comparator mode), "ball" (box+ball score bounds), "values" (the value-aware certificate). A config that
+# needs one a kernel lacks runs on the reference under "auto", and is refused when that kernel is named.
+KERNEL_FEATURES: dict[str, frozenset[str]] = {"cpu": frozenset({"skip", "ball", "values"}), "triton": frozenset({"skip", "ball", "values"})}
+
+
+def features(cfg) -> set[str]:
+    """The criteria `cfg` needs of a kernel (see KERNEL_FEATURES)."""
+    if cfg is None or not cfg.active:
+        return set()
+    return {name for name, used in (("skip", cfg.mode == "skip"), ("ball", cfg.uses_ball),
+                                    ("values", cfg.uses_values)) if used}
+
+
+def resolve(impl: str, device: torch.device, block_size: int, cfg=None) -> str:
+    """The implementation `impl` means for tensors on `device` ("auto": the fastest that runs there and
+    implements what `cfg` needs). The Triton kernel takes any block size (it pads blocks inside), so on
+    CUDA only a missing Triton or criterion falls back."""
     if impl not in IMPLS:
         raise ValueError(f"unknown ART implementation {impl!r}; valid: {', '.join(IMPLS)}")
+    needs = features(cfg)
     if impl != "auto":
+        missing = needs - KERNEL_FEATURES.get(impl, needs)
+        if missing:
+            raise ValueError(f"the {impl} ART kernel does not implement {', '.join(sorted(missing))} yet; "
+                             "use impl 'reference' or 'auto'")
         return impl
     if device.type == "cpu":
-        return "cpu" if _cpu_kernel_ok() else "reference"
-    if device.type == "cuda" and _triton_ok():
-        return "triton"
-    return "reference"
+        name = "cpu" if _cpu_kernel_ok() else "reference"
+    elif device.type == "cuda" and _triton_ok():
+        name = "triton"
+    else:
+        name = "reference"
+    return name if needs <= KERNEL_FEATURES.get(name, needs) else "reference"
 
 
 def decode_attention(q, k, v, cfg, block_scores=None, *, impl: str = "auto", **kwargs):
     """Decode attention with ART (see `attention.reference.decode_attention` for the arguments).
     impl: "auto" (CPU kernel on CPU, Triton on CUDA, else the reference), or one of them by name."""
-    name = resolve(impl, q.device, cfg.block_size)
+    name = resolve(impl, q.device, cfg.block_size, cfg)
     if name == "cpu":
         from attention.kernels.cpu import decode_attention_cpu
 
@@ -88,7 +110,7 @@ def decode_rows(q, k, v, cfg, *, lengths, starts=None, rows=None, key_bounds=Non
     the device: read the statistics once per step.
     impl: "auto" (CPU kernel on CPU, Triton on CUDA), "cpu", "triton" or "reference".
     """
-    name = resolve(impl, q.device, cfg.block_size)
+    name = resolve(impl, q.device, cfg.block_size, cfg)
     kwargs = dict(lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds, quest_ratio=quest_ratio,
                   scale=scale)
     if name == "cpu":

@@ -13,7 +13,14 @@ decisions; with several, each split stops on its own and writes a valid partial 
 combine step merges exactly for what was visited. k and v are read through their strides (pool views are
 never copied). Any block size works: a block is walked in power-of-two chunks of at most MAX_CHUNK
 positions (at least 16, as tl.dot needs), the positions past the block masked.
-Tested on CPU under TRITON_INTERPRET=1.
+
+The criteria (MODE): stability, certified (CERT: the mass certificate or the value-aware one, relative or
+absolute; what the unvisited blocks can still add is read from per-position suffix tables made on the
+device before the launch, `certificate_tables`, so each block's check costs O(group) rather than
+O(blocks)), skip (every candidate block's keys are scored; its values are read only if some query head's
+max score reaches m + skip_log: a block of one chunk is scored once, a block of several chunks is scored in
+a first pass over its keys and, if taken, walked again with its values). box+ball score bounds only change
+the bounds the planning gives. Tested on CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -24,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from attention.config import ARTConfig
-from attention.reference import (STOP_CERTIFIED, STOP_EXHAUSTED, STOP_STABLE, ARTStats, block_key_bounds,
-                                 check_rows, check_shapes, dense_result, plan_walk, upper_bounds, visiting_order)
+from attention.reference import (STOP_CERTIFIED, STOP_EXHAUSTED, STOP_STABLE, ARTStats, ball_bounds,
+                                 block_key_bounds, check_rows, check_shapes, dense_result, plan_walk,
+                                 rows_summaries, upper_bounds, visiting_order)
 
 try:
     import triton
@@ -34,19 +42,56 @@ except ImportError:   # the reference still works; `decode_attention_triton` say
     triton = None
 
 MAX_CHUNK = 64   # positions of a block loaded at once: bigger blocks are walked in several chunks
-MODE_CODES = {"off": 0, "stability": 1, "certified": 2}   # the kernel's MODE: 0 walks every candidate
+MODE_CODES = {"off": 0, "walk": 0, "stability": 1, "certified": 2, "skip": 3}   # the kernel's MODE: 0 walks every candidate
+CERT_CODES = {"mass": 0, "relative": 1, "absolute": 2}   # certified mode's CERT
 
 
 if triton is not None:
 
     @triton.jit
+    def _chunk_live(valid_ptr, b, T, blk, c, row_start, row_end, offs_c,
+                    BS: tl.constexpr, CHUNK: tl.constexpr, HAS_VALID: tl.constexpr):
+        """Chunk c of block blk: its positions and which of them are valid."""
+        in_blk = c * CHUNK + offs_c
+        pos = blk * BS + in_blk
+        live = (in_blk < BS) & (pos >= row_start) & (pos < row_end)
+        if HAS_VALID:
+            live = live & (tl.load(valid_ptr + b * T + pos, mask=live, other=0) != 0)
+        return pos, live
+
+    @triton.jit
+    def _chunk_rows(ptr, pos, live, offs_d, dmask, stride):
+        """The chunk's (CHUNK, D_PAD) keys or values in fp32, zeros off the valid positions."""
+        return tl.load(ptr + pos[:, None] * stride + offs_d[None, :],
+                       mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _chunk_scores(q, kb, live):
+        """(G_PAD, CHUNK) scores, -inf off the valid positions."""
+        s = tl.dot(q, tl.trans(kb), input_precision="ieee")
+        return tl.where(live[None, :], s, float("-inf"))
+
+    @triton.jit
+    def _chunk_update(m, l, acc, s, vb):
+        """The online softmax over one chunk's scores s and values vb."""
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # a chunk with no valid position before any valid one leaves m at -inf: no NaN from inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision="ieee")
+        return m_new, l, acc
+
+    @triton.jit
     def _art_decode_kernel(
-        q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, valid_ptr, order_ptr, nvalid_ptr, ub_ptr, need_ptr,
-        ncand_ptr, m_out, l_out, acc_out, visited_out, reason_out, vmask_out,
+        q_ptr, k_ptr, v_ptr, rows_ptr, start_ptr, end_ptr, valid_ptr, order_ptr, need_ptr, ncand_ptr,
+        skip_ptr, ctop_ptr, csum_ptr, cwsum_ptr, cspread_ptr, cmean_ptr,
+        m_out, l_out, acc_out, visited_out, reason_out, vmask_out,
         T, NB, G, D, blocks_per_split, scale, tau, phi, eps,
         sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
         HKV: tl.constexpr, SPLITS: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
-        G_PAD: tl.constexpr, D_PAD: tl.constexpr, NB_PAD: tl.constexpr, MODE: tl.constexpr,
+        G_PAD: tl.constexpr, D_PAD: tl.constexpr, MODE: tl.constexpr, CERT: tl.constexpr,
         PATIENCE: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_VALID: tl.constexpr, STORE_MASK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -77,39 +122,55 @@ if triton is not None:
         n_cand = tl.load(ncand_ptr + bh)
         start = split * blocks_per_split
         end = tl.minimum(start + blocks_per_split, n_cand)   # candidates come first in the order
-        offs_n = tl.arange(0, NB_PAD)
-        if MODE == 2:   # certified: bounds and sizes of the blocks in visiting order
-            ord_all = tl.load(order_ptr + bh * NB + offs_n, mask=offs_n < NB, other=0)
-            nval_all = tl.load(nvalid_ptr + b * NB + ord_all, mask=offs_n < NB, other=0).to(tl.float32)
-            ub_all = tl.load(ub_ptr + (bh * G_PAD + offs_g)[:, None] * NB + ord_all[None, :],
-                             mask=gmask[:, None] & (offs_n < NB)[None, :], other=float("-inf"))
+        if MODE == 3:   # skip: ln(skip_lambda / context) of this sequence
+            skip_log = tl.load(skip_ptr + b)
+        if MODE == 2:
+            if CERT != 0:   # value-aware certificate: the point C of this (sequence, KV head)
+                c_mean = tl.load(cmean_ptr + bh * D + offs_d, mask=dmask, other=0.0)
         j = start
         run = start * 0      # int32 scalars (loop-carried types must not change)
         reason = start * 0
+        nvis = start * 0     # blocks whose values were read (all walked ones, except skipped in skip mode)
         while (j < end) & (reason == 0):
             blk = tl.load(order_ptr + bh * NB + j)
-            for c in range(N_CHUNKS):   # the block in chunks; the online softmax runs on across them
-                in_blk = c * CHUNK + offs_c
-                pos = blk * BS + in_blk
-                live = (in_blk < BS) & (pos >= row_start) & (pos < row_end)
-                if HAS_VALID:
-                    live = live & (tl.load(valid_ptr + b * T + pos, mask=live, other=0) != 0)
-                kb = tl.load(k_row + pos[:, None] * sk_t + offs_d[None, :],
-                             mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-                vb = tl.load(v_row + pos[:, None] * sv_t + offs_d[None, :],
-                             mask=live[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-                s = tl.dot(q, tl.trans(kb), input_precision="ieee")
-                s = tl.where(live[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, 1))
-                # a chunk with no valid position before any valid one leaves m at -inf: no NaN from inf - inf
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m - m_safe)
-                p = tl.exp(s - m_safe[:, None])
-                l = l * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision="ieee")
-                m = m_new
-            if STORE_MASK:
-                tl.store(vmask_out + bh * NB + blk, 1)
+            if MODE == 3:
+                if N_CHUNKS == 1:   # one chunk: score it, then read the values only if some score may count
+                    pos, live = _chunk_live(valid_ptr, b, T, blk, 0, row_start, row_end, offs_c, BS, CHUNK, HAS_VALID)
+                    s = _chunk_scores(q, _chunk_rows(k_row, pos, live, offs_d, dmask, sk_t), live)
+                    # faint where every score is below m + skip_log (written as the reference's test: NaN is not faint)
+                    count = tl.where((tl.max(s, 1) - m < skip_log) | (offs_g >= G), 0, 1)
+                    if tl.sum(count, 0) > 0:
+                        m, l, acc = _chunk_update(m, l, acc, s, _chunk_rows(v_row, pos, live, offs_d, dmask, sv_t))
+                        nvis += 1
+                        if STORE_MASK:
+                            tl.store(vmask_out + bh * NB + blk, 1)
+                else:   # several chunks: a first pass over the keys for the block's max, then the update
+                    bmax = tl.full((G_PAD,), float("-inf"), tl.float32)
+                    for c in range(N_CHUNKS):
+                        pos, live = _chunk_live(valid_ptr, b, T, blk, c, row_start, row_end, offs_c, BS, CHUNK,
+                                                HAS_VALID)
+                        s = _chunk_scores(q, _chunk_rows(k_row, pos, live, offs_d, dmask, sk_t), live)
+                        bmax = tl.maximum(bmax, tl.max(s, 1))
+                    count = tl.where((bmax - m < skip_log) | (offs_g >= G), 0, 1)
+                    if tl.sum(count, 0) > 0:
+                        for c in range(N_CHUNKS):   # the keys again (cached), now with the values
+                            pos, live = _chunk_live(valid_ptr, b, T, blk, c, row_start, row_end, offs_c, BS, CHUNK,
+                                                    HAS_VALID)
+                            kb = _chunk_rows(k_row, pos, live, offs_d, dmask, sk_t)
+                            vb = _chunk_rows(v_row, pos, live, offs_d, dmask, sv_t)
+                            m, l, acc = _chunk_update(m, l, acc, _chunk_scores(q, kb, live), vb)
+                        nvis += 1
+                        if STORE_MASK:
+                            tl.store(vmask_out + bh * NB + blk, 1)
+            else:
+                for c in range(N_CHUNKS):   # the block in chunks; the online softmax runs on across them
+                    pos, live = _chunk_live(valid_ptr, b, T, blk, c, row_start, row_end, offs_c, BS, CHUNK, HAS_VALID)
+                    kb = _chunk_rows(k_row, pos, live, offs_d, dmask, sk_t)
+                    vb = _chunk_rows(v_row, pos, live, offs_d, dmask, sv_t)
+                    m, l, acc = _chunk_update(m, l, acc, _chunk_scores(q, kb, live), vb)
+                nvis += 1
+                if STORE_MASK:
+                    tl.store(vmask_out + bh * NB + blk, 1)
             j += 1
             visited = j - start
             may_stop = (visited >= need - start) & (j < n_cand)
@@ -126,17 +187,33 @@ if triton is not None:
                 if may_stop & checked & (run >= PATIENCE):
                     reason = 1
                 o_prev = o
-            elif MODE == 2:   # certified: bound on the unvisited mass <= eps
-                rest = tl.sum(tl.where((offs_n >= j)[None, :] & (offs_n < n_cand)[None, :],
-                                       nval_all[None, :] * tl.exp(ub_all - m[:, None]), 0.0), 1)
-                bound = tl.where(gmask, rest / (l + rest), 0.0)
-                if may_stop & (tl.max(bound, 0) <= eps):
+            elif MODE == 2:   # certified: the unvisited blocks (order positions j.. n_cand) from suffix tables
+                here = gmask & (j + 0 * offs_g < n_cand)   # (the interpreter cannot mask with tensor & scalar)
+                row = (bh * G_PAD + offs_g) * NB + j
+                top = tl.load(ctop_ptr + row, mask=here, other=float("-inf"))   # max ub over the suffix
+                lift = tl.exp(top - m)
+                rest = tl.load(csum_ptr + row, mask=here, other=0.0) * lift    # sum n exp(ub - m)
+                if CERT == 0:   # mass: R / (l + R) <= eps
+                    ok = rest / (l + rest) <= eps
+                else:           # value-aware: min(A, B) <= eps ||o|| (relative) or eps (absolute)
+                    weighted = tl.load(cwsum_ptr + row, mask=here, other=0.0) * lift
+                    top_spread = tl.load(cspread_ptr + bh * NB + j, mask=j < n_cand, other=0.0)
+                    o = acc / l[:, None]
+                    diff = tl.where(dmask[None, :], o - c_mean[None, :], 0.0)
+                    to_mean = tl.sqrt(tl.sum(diff * diff, 1))
+                    err = tl.minimum(rest / (l + rest) * (to_mean + top_spread), (to_mean * rest + weighted) / l)
+                    if CERT == 1:
+                        ok = err <= eps * tl.sqrt(tl.sum(o * o, 1))
+                    else:
+                        ok = err <= eps
+                bad = tl.where(ok | (offs_g >= G), 0, 1)
+                if may_stop & (tl.sum(bad, 0) == 0):
                     reason = 2
         out_row = pid
         tl.store(m_out + out_row * G_PAD + offs_g, m)
         tl.store(l_out + out_row * G_PAD + offs_g, l)
         tl.store(acc_out + (out_row * G_PAD + offs_g)[:, None] * D_PAD + offs_d[None, :], acc)
-        tl.store(visited_out + out_row, j - start)
+        tl.store(visited_out + out_row, nvis)
         tl.store(reason_out + out_row, reason)
 
 
@@ -176,10 +253,50 @@ class _Launch:
         _art_decode_kernel[self.grid](*self.args, **self.meta)
 
 
+def _suffix_max(x: torch.Tensor) -> torch.Tensor:
+    """y[..., j] = max(x[..., j:])."""
+    return x.flip(-1).cummax(-1).values.flip(-1)
+
+
+def certificate_tables(ub: torch.Tensor, order: torch.Tensor, n_valid: torch.Tensor, n_cand: torch.Tensor,
+                       spread: torch.Tensor | None = None):
+    """What certified mode needs of the blocks not yet visited, per position j of the visiting order: the
+    candidates at order positions j .. n_cand - 1 (a walk that has visited j blocks). Per (b, hkv, query
+    head, j), fp32: top = max ub over them (-inf when none) and sums = sum n exp(ub - top) (0 when none), so
+    the kernel's R = sum n exp(ub - m) is exp(top - m) sums, one load per head and block instead of a sum
+    over every block at every block. With `spread` (b, hkv, nb) (value-aware certificate) also wsums =
+    sum n s exp(ub - top) (b, hkv, g, nb) and top_spread = max s over them (b, hkv, nb), 0 when none.
+    Suffix sums are exact sums of positive terms (fp64 log-sum-exp, then fp32), never a running total
+    with visited blocks subtracted (that cancels catastrophically: the block just visited is the largest
+    term). ub (b, hkv, g, nb) by block index; torch ops only, no read-back."""
+    b, hkv, g, nb = ub.shape
+    live = torch.arange(nb, device=ub.device) < n_cand[..., None]                  # (b, hkv, nb) by position
+    u = ub.float().gather(-1, order[:, :, None, :].expand(b, hkv, g, nb))
+    u = u.masked_fill(~live[:, :, None, :], -math.inf)
+    top = _suffix_max(u)
+    finite = torch.isfinite(top)
+    shift = torch.where(finite, top, torch.zeros_like(top)).double()
+    logw = u.double() + n_valid[:, None, :].expand(b, hkv, nb).gather(-1, order).double().log()[:, :, None, :]
+
+    def suffix_sum(log_terms):
+        lse = log_terms.flip(-1).logcumsumexp(-1).flip(-1)
+        return torch.where(finite, torch.exp(lse - shift), torch.zeros_like(shift)).float().contiguous()
+
+    sums = suffix_sum(logw)
+    if spread is None:
+        return top.contiguous(), sums, None, None
+    s = spread.float().gather(-1, order).masked_fill(~live, 0.0)
+    wsums = suffix_sum(logw + s.double().log()[:, :, None, :])
+    return top.contiguous(), sums, wsums, _suffix_max(s).contiguous()
+
+
 def _launch(q3, k, v, cfg: ARTConfig, mode: int, *, rows, starts, ends, valid, order, n_valid, ub, need, n_cand,
-            t: int, scale: float, splits: int = 1, store_mask: bool = False, max_chunk: int | None = None) -> _Launch:
+            t: int, scale: float, splits: int = 1, store_mask: bool = False, max_chunk: int | None = None,
+            skip_log=None, mean=None, spread=None) -> _Launch:
     """The launch for q3 (b, hq, d) contiguous against k, v (rows, hkv, T, d) read through their strides;
-    the plan tensors as `plan_walk` / `plan_rows` make them. Allocation only: nothing is read back."""
+    the plan tensors as `plan_walk` / `plan_rows` make them (ub (b, hkv, g, nb), read in certified mode only;
+    skip_log (b,) in skip mode; mean, spread with the value-aware certificate). Allocation and torch ops
+    only: nothing is read back."""
     b, hq, d = q3.shape
     hkv = k.shape[1]
     g, nb = hq // hkv, order.shape[-1]
@@ -195,12 +312,21 @@ def _launch(q3, k, v, cfg: ARTConfig, mode: int, *, rows, starts, ends, valid, o
     vmask = torch.zeros(b * hkv, nb, dtype=torch.int8, device=dev) if store_mask else visited
     i32 = dict(dtype=torch.int32)
     n_cand = n_cand.to(**i32).contiguous()
+    cert = CERT_CODES[cfg.certificate] if mode == MODE_CODES["certified"] else 0
+    unused = ends   # any tensor stands for a pointer the kernel's constants never read
+    tables = (unused,) * 4
+    if mode == MODE_CODES["certified"]:
+        top, sums, wsums, top_spread = certificate_tables(_padded_bounds(ub, b, hkv, g, nb, dev), order, n_valid,
+                                                          n_cand, spread if cert else None)
+        tables = (top, sums, wsums if cert else unused, top_spread if cert else unused)
+    skip = skip_log.float().contiguous() if mode == MODE_CODES["skip"] else unused
+    c_mean = mean.float().contiguous() if cert else unused
     args = (q3, k, v, rows if rows is not None else ends, starts, ends, valid if valid is not None else ends,
-            order.to(**i32).contiguous(), n_valid.to(**i32).contiguous(), ub.contiguous(), need.to(**i32).contiguous(),
-            n_cand, m, l, acc, visited, reason, vmask,
+            order.to(**i32).contiguous(), need.to(**i32).contiguous(), n_cand, skip, *tables, c_mean,
+            m, l, acc, visited, reason, vmask,
             t, nb, g, d, per_split, scale, float(cfg.tau), float(cfg.phi), float(cfg.eps),
             q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    meta = dict(HKV=hkv, SPLITS=splits, G_PAD=g_pad, D_PAD=d_pad, NB_PAD=_next_pow2(nb, 1), MODE=mode,
+    meta = dict(HKV=hkv, SPLITS=splits, G_PAD=g_pad, D_PAD=d_pad, MODE=mode, CERT=cert,
                 PATIENCE=cfg.patience, HAS_ROWS=rows is not None, HAS_VALID=valid is not None,
                 STORE_MASK=store_mask, **_chunking(cfg.block_size, max_chunk))
     return _Launch((programs,), args, meta, m, l, acc, visited, reason, vmask, n_cand)
@@ -215,10 +341,13 @@ def _padded_bounds(ub: torch.Tensor | None, b: int, hkv: int, g: int, nb: int, d
 
 def decode_attention_triton(q, k, v, cfg: ARTConfig, block_scores=None, *, key_padding_mask=None,
                             lengths=None, scale: float | None = None, key_bounds=None,
-                            block_budget: int | None = None, num_splits: int = 1) -> tuple[torch.Tensor, ARTStats]:
-    """`decode_attention` with the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); any block size."""
+                            block_budget: int | None = None, num_splits: int = 1,
+                            balls=None) -> tuple[torch.Tensor, ARTStats]:
+    """`decode_attention` with the Triton kernel (GPU, or CPU under TRITON_INTERPRET=1); any block size.
+    balls: kept ball summaries of the first complete blocks, as for `attention.reference.plan_walk`."""
     _need_triton()
-    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget)
+    walk = plan_walk(q, k, v, cfg, block_scores, key_padding_mask, lengths, scale, key_bounds, block_budget,
+                     balls)
     if not cfg.active:
         return dense_result(q, k, v, walk)
     b, hq, hkv, t, d = check_shapes(q, k, v)
@@ -230,8 +359,9 @@ def decode_attention_triton(q, k, v, cfg: ARTConfig, block_scores=None, *, key_p
                      starts=torch.zeros(b, dtype=torch.int32, device=dev),
                      ends=torch.full((b,), t, dtype=torch.int32, device=dev),
                      valid=walk.valid.to(torch.int8).contiguous(), order=walk.order, n_valid=walk.n_valid,
-                     ub=_padded_bounds(walk.ub, b, hkv, g, nb, dev), need=walk.need, n_cand=n_cand, t=t,
-                     scale=walk.scale, splits=splits, store_mask=True)
+                     ub=walk.ub, need=walk.need, n_cand=n_cand, t=t,
+                     scale=walk.scale, splits=splits, store_mask=True, skip_log=walk.skip_log, mean=walk.mean,
+                     spread=walk.spread)
     launch.run()
     # Combine the splits' partial states exactly (splits that visited nothing have l = 0).
     g_pad, d_pad = launch.m.shape[-1], launch.acc.shape[-1]
@@ -265,6 +395,9 @@ class RowsPlan:
     need: torch.Tensor         # (b, hkv) blocks always visited (sink, recent, min_blocks)
     ub: torch.Tensor | None    # (b, hkv, g, nb) score bounds (-inf off the candidates), where needed
     scale: float
+    mean: torch.Tensor | None = None      # (b, hkv, d) value-aware certificate: the point C
+    spread: torch.Tensor | None = None    # (b, hkv, nb) and each block's s_j (`reference.value_spread`)
+    skip_log: torch.Tensor | None = None  # (b,) skip mode: ln(skip_lambda / the row's valid positions)
 
 
 def _row_ints(x, b: int, device, default) -> torch.Tensor:
@@ -316,10 +449,16 @@ def plan_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_b
     cand = (n_valid > 0)[:, None, :].expand(b, hkv, nb)
     qs = q.float().reshape(b, hkv, g, d) * scale
     ub = score = None
+    gather = pool_rows if pool_rows is not None else torch.arange(b, device=dev)
+    # key balls (box+ball) and value spreads (value-aware certificate) from the batch's rows, never the pool
+    balls, values = (rows_summaries(k, v, cfg, gather, begins, ends, n_valid) if cfg.uses_ball or cfg.uses_values
+                     else (None, None))
     if cfg.uses_bounds or quest_ratio > 0:   # bound order, certified mode, Quest: all rank by the bound
-        gather = pool_rows if pool_rows is not None else torch.arange(b, device=dev)
         kmin, kmax = rows_key_bounds(k, gather, begins, ends, bs, nb, key_bounds)
-        ub = upper_bounds(qs, kmin, kmax).masked_fill(~cand[:, :, None, :], -math.inf)
+        ub = upper_bounds(qs, kmin, kmax)
+        if balls is not None:
+            ub = torch.minimum(ub, ball_bounds(qs, *balls))
+        ub = ub.masked_fill(~cand[:, :, None, :], -math.inf)
         score = ub.amax(2)
     order, n_protected = visiting_order(cand, (ends - 1) // bs, cfg, score)
     if quest_ratio > 0:   # Quest: each row keeps its own share of its candidate blocks, the first of the order
@@ -328,19 +467,22 @@ def plan_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_b
         cand = cand & torch.zeros_like(kept).scatter(-1, order, kept)
     need = n_protected.clamp_min(cfg.min_blocks)
     i32 = dict(dtype=torch.int32)
-    return RowsPlan(q.contiguous(), pool_rows.to(**i32) if pool_rows is not None else None, begins.to(**i32),
+    plan = RowsPlan(q.contiguous(), pool_rows.to(**i32) if pool_rows is not None else None, begins.to(**i32),
                     ends.to(**i32), n_valid, cand, order, need, ub, scale)
+    if values is not None:
+        plan.mean, plan.spread = values
+    if cfg.active and cfg.mode == "skip":   # as plan_walk: the row's valid positions are [begins, ends)
+        plan.skip_log = math.log(cfg.skip_lambda) - torch.log((ends - begins).float())
+    return plan
 
 
 def prepare_rows(q, k, v, cfg: ARTConfig, *, max_chunk: int | None = None, **kwargs) -> _Launch:
     """Plan a `decode_rows` call and prepare its kernel launch (`plan_rows`'s arguments): device work only."""
     plan = plan_rows(q, k, v, cfg, **kwargs)
-    b, hq, d = plan.q.shape
-    hkv, nb = k.shape[1], plan.order.shape[-1]
     return _launch(plan.q, k, v, cfg, MODE_CODES[cfg.mode] if cfg.active else 0, rows=plan.rows,
                    starts=plan.starts, ends=plan.ends, valid=None, order=plan.order, n_valid=plan.n_valid,
-                   ub=_padded_bounds(plan.ub, b, hkv, hq // hkv, nb, q.device), need=plan.need,
-                   n_cand=plan.cand.sum(-1), t=k.shape[2], scale=plan.scale, max_chunk=max_chunk)
+                   ub=plan.ub, need=plan.need, n_cand=plan.cand.sum(-1), t=k.shape[2], scale=plan.scale,
+                   max_chunk=max_chunk, skip_log=plan.skip_log, mean=plan.mean, spread=plan.spread)
 
 
 def finish_rows(launch: _Launch, q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from pipelines.bench import decode as bd
 from pipelines.bench.common import fmt, verdicts_markdown, verdicts_table
 
 DECODE_COLUMNS = ["context", "batch", "row", "tok/s", "ms/step", "attn ms/step", "visited", "passkey",
-                  "attn speedup", "tok/s speedup", "seqs != ref", "bound ok"]
+                  "attn speedup", "tok/s speedup", "attn vs walk", "tok/s vs walk", "seqs != ref", "bound ok"]
 
 
 def frame(report) -> pd.DataFrame:
@@ -22,6 +22,8 @@ def _decode_cells(r) -> list[str]:
             f"{r.attention_ms:.2f}", fmt(r.visited_fraction, ".3f"), passkey,
             fmt(r.attention_speedup, ".2f") + ("x" if r.attention_speedup is not None else ""),
             fmt(r.tokens_speedup, ".2f") + ("x" if r.tokens_speedup is not None else ""),
+            fmt(r.attention_vs_walk, ".2f") + ("x" if r.attention_vs_walk is not None else ""),
+            fmt(r.tokens_vs_walk, ".2f") + ("x" if r.tokens_vs_walk is not None else ""),
             fmt(r.seqs_differ, "d"),
             "-" if r.bound_checked is None else f"{r.bound_checked - r.bound_violations}/{r.bound_checked}"]
 
@@ -46,7 +48,8 @@ def decode_caption(report) -> str:
             "(after the policy). passkey: right answers (decoded text contains the passkey) among the distinct "
             f"prompts of the batch, each counted once: sequences 0..min(batch, {cfg.prompts})-1 (a batch above "
             f"{cfg.prompts} repeats the prompts round-robin). Speedups: vs the same policy's ART-off row of this "
-            "run (attention: off ms / on ms; tok/s: on / off). seqs != ref: sequences whose greedy tokens differ "
+            "run (attention: off ms / on ms; tok/s: on / off), and vs its walk row (the ART kernel visiting every block: "
+            "ART's own contribution, without the kernel's speed against SDPA). seqs != ref: sequences whose greedy tokens differ "
             "from dense/off (stock row) or from the same policy's ART-off row, up to the reference's first end-of-turn "
             "token (stock generate suppresses it under min_new_tokens, our decode does not). bound ok (certified rows): outputs "
             "(step x layer x sequence x query head) within 2 eps max||v|| of exact fp32 attention, checked in an "
@@ -66,7 +69,7 @@ def print_decode_bench(console: Console, report) -> None:
         console.print(verdicts_table(verdicts, f"ART targets at {max(report.config.contexts)} tokens, batch >= "
                                      f"{bd.TARGET_MIN_BATCH}: attention speedup >= {bd.TARGET_ATTENTION_SPEEDUP}x, "
                                      f"tokens/s speedup >= {bd.TARGET_TOKENS_SPEEDUP}x, no passkey lost vs the same "
-                                     "policy with ART off"))
+                                     "policy with ART off (and vs its walk row)"))
     else:
         console.print(f"targets: not checked (no batch >= {bd.TARGET_MIN_BATCH} in this run)")
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from pipelines.bench import SLACK_RUNS
 from pipelines.cli.options import ints, names, numbers
 
 app = typer.Typer(help="Side-by-side benchmarks (one run, interleaved, ratios printed).", no_args_is_help=True)
@@ -84,7 +85,7 @@ def bench_decode(
     policies: str = typer.Option("dense,streaming,snapkv", help="comma list of KV policies (attention.hf.POLICIES)"),
     contexts: str = typer.Option("1024,2048,4096", help="comma list of prompt lengths in tokens"),
     batch: str = typer.Option("1,4,16", help="comma list of decode batch sizes"),
-    art: str = typer.Option("tuned,certified", help="comma list of ART presets (paper, certified, tuned, aggressive), each optionally with overrides, e.g. tuned+tau=3e-3+block_size=32; one row each per policy"),
+    art: str = typer.Option("walk,tuned,certified", help="comma list of ART presets (paper, certified, tuned, aggressive, skip, walk), each optionally with overrides, e.g. tuned+tau=3e-3+block_size=32; one row each per policy (walk: the kernel visiting every block, the second baseline)"),
     policy_ratio: float = typer.Option(0.5, help="fraction of the KV a policy removes"),
     prompts: int = typer.Option(4, help="distinct passkey prompts per context (prefilled together)"),
     new_tokens: int = typer.Option(12, help="greedy tokens per sequence (the prefill's first one included)"),
@@ -334,6 +335,46 @@ def bench_kernel(
         rows = bk.run(cfg, update)
     paths = bk.write(cfg, rows, out)
     bk.print_report(console, cfg, rows)
+    console.print(f"written: {paths['csv']}, {paths['md']}, {paths['json']}")
+
+
+@app.command("slack")
+def bench_slack(
+    model: str = typer.Option("smollm2-135m", help="model alias, HF folder or random:<arch>-tiny (a causal LM)"),
+    context: int = typer.Option(4096, help="prompt length in tokens"),
+    prompts: int = typer.Option(4, help="passkey prompts (each captured at every layer)"),
+    block_size: int = typer.Option(64, help="KV positions per block"),
+    fractions: str = typer.Option("0.5,0.8", help="comma list of visited fractions at which bounds are compared"),
+    art: str = typer.Option(",".join(SLACK_RUNS), help="comma list of ART settings run end to end"),
+    seed: int = typer.Option(0, help="seeds passkeys and haystack offsets"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: all cores)"),
+    out: Path = typer.Option(Path("bench-results"), help="folder for slack-<model>.csv/.md/.json"),
+) -> None:
+    """How loose certified mode's bounds are on a real model's decode attention (box vs box+ball score
+    bounds, 2 W max|v| vs the value-aware error bound), and what certified and skip settings visit."""
+    import torch
+
+    from pipelines.bench import slack
+    from pipelines.progress import bar, console as make_console
+    from workers.data.assets import check_model_name
+
+    try:
+        check_model_name(model)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
+    try:
+        cfg = slack.SlackConfig(model=model, context=context, prompts=prompts, block_size=block_size,
+                                fractions=numbers(fractions, float, "--fractions"), runs=names(art), seed=seed)
+    except slack.ConfigError as e:
+        hint = {"runs": "--art"}.get(e.field, "--" + e.field.replace("_", "-"))
+        raise typer.BadParameter(e.message, param_hint=hint) from None
+    if threads:
+        torch.set_num_threads(threads)
+    console = make_console(200)
+    with bar(console) as update:
+        report = slack.run(cfg, update)
+    paths = slack.write(report, out)
+    slack.print_report(console, report)
     console.print(f"written: {paths['csv']}, {paths['md']}, {paths['json']}")
 
 

@@ -91,4 +91,62 @@ def niah(
     run_id = ev.log_mlflow(report, out, experiment, run_name)
     ev.print_report(console, report)
     console.print(f"MLflow run {run_id} (experiment {experiment}); files: {out}/niah.csv, niah.md, answers.jsonl, "
-                  "heatmap-*.png")
+                  "heatmap-*.png, kvpress/")
+
+
+# LongBenchConfig field -> the option that sets it
+_LONGBENCH_OPTIONS = {"data": "--longbench", "model": "--model", "tasks": "--tasks", "policies": "--policies",
+                      "policy_ratio": "--policy-ratio", "art": "--art", "limit": "--limit",
+                      "max_length": "--max-length", "max_new_tokens": "--max-new-tokens", "batch": "--batch",
+                      "dtype": "--dtype", "device": "--device"}
+
+
+@app.command("longbench")
+def longbench(
+    data: Path = typer.Option(..., "--longbench", help="folder with LongBench's <task>.jsonl files (the official "
+                                                       "data.zip unpacked; docs/evaluation.md)"),
+    model: str = typer.Option(..., help="an alias, HF folder, random:<arch>-tiny, models:/NAME/VERSION or "
+                                        "runs:/ID/PATH"),
+    tasks: Optional[str] = typer.Option(None, help="comma list of English tasks (default: all of them)"),
+    e: bool = typer.Option(False, "--longbench-e", help="LongBench-E's <task>_e.jsonl files, scored per length bucket"),
+    policies: str = typer.Option("dense", help="comma list of KV policies (attention.hf.POLICIES)"),
+    policy_ratio: float = typer.Option(0.5, help="fraction of the KV a non-dense policy removes"),
+    art: str = typer.Option("off,tuned", help="comma list: off, on (tuned) or ART presets with overrides, e.g. "
+                                              "certified+eps=0.01; every policy runs with every setting"),
+    limit: Optional[int] = typer.Option(None, help="the first N examples of each task (default: all)"),
+    max_length: int = typer.Option(3500, help="prompt budget in tokens: longer prompts lose their middle"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="answer budget (default: LongBench's per task)"),
+    batch: int = typer.Option(1, help="prompts of equal length decoded together"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 where the device runs it natively), float32 or bfloat16"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads"),
+    model_override: List[str] = typer.Option([], "--model-override", help="model config KEY=VALUE (repeatable)"),
+    experiment: str = typer.Option("sparta-eval", help="MLflow experiment"),
+    run_name: Optional[str] = typer.Option(None, help="MLflow run name (default longbench-<model>)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
+                                               help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db"),
+    out: Path = typer.Option(Path("eval-results/longbench"), help="folder for the scores, answers and kvpress runs"),
+) -> None:
+    """LongBench scores of every KV policy x ART setting on the same prompts, and the answers ART changed."""
+    from pipelines.evaluation import longbench as ev
+    from pipelines.evaluation.niah import ConfigError
+    from pipelines.progress import bar, console as make_console
+    from workers.data.longbench import E_TASKS, TASKS
+
+    try:
+        cfg = ev.LongBenchConfig(data=str(data), model=model,
+                                 tasks=names(tasks) if tasks else (E_TASKS if e else TASKS), e=e,
+                                 policies=names(policies), policy_ratio=policy_ratio, art=names(art), limit=limit,
+                                 max_length=max_length, max_new_tokens=max_new_tokens, batch=batch, dtype=dtype,
+                                 device=device, threads=threads, model_overrides=_overrides(model_override),
+                                 tracking_uri=tracking_uri)
+        console = make_console()
+        with bar(console, "answers", "building prompts") as update:
+            report = ev.run(cfg, update)
+    except ConfigError as err:
+        raise typer.BadParameter(err.message, param_hint=_LONGBENCH_OPTIONS.get(err.field, err.field)) from None
+    run_id = ev.log_mlflow(report, out, experiment, run_name)
+    ev.print_report(console, report)
+    changed = sum(s.changed or 0 for s in report.summaries)
+    console.print(f"{changed} answers changed against ART off ({out}/changed.jsonl); MLflow run {run_id} "
+                  f"(experiment {experiment}); files: {out}/scores.csv, longbench.md, answers.jsonl, kvpress/")

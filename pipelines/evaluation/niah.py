@@ -28,6 +28,7 @@ from typing import Callable
 import pandas as pd
 
 from pipelines import tables
+from pipelines.evaluation import kvpress_layout
 from workers.hardware import DEVICES, DTYPES, resolve_device, resolve_dtype
 from workers.data.niah import VARIANTS, Case, build_cases, found_values, score
 
@@ -241,6 +242,21 @@ class ConfigSummary:
     seconds: float
     completion_tokens: int
     agree: float | None   # fraction of prompts answered right/wrong alike as this policy's ART-off config
+    correct: int = 0
+    total: int = 0
+    wilson: tuple[float, float] = (0.0, 1.0)   # 95% Wilson interval of the accuracy
+    identical: float | None = None   # fraction of answers with exactly the ART-off config's text
+    changed: list[dict] = field(default_factory=list)   # the cases whose score differs from ART off
+
+
+def wilson_interval(correct: int, total: int) -> tuple[float, float]:
+    """95% Wilson score interval of correct / total (scipy's binomial test)."""
+    from scipy.stats import binomtest
+
+    if total == 0:
+        return 0.0, 1.0
+    ci = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 @dataclass
@@ -276,8 +292,9 @@ def _tokenizer_name(cfg: NiahConfig, model: str | None, served: str | None) -> s
     return name
 
 
-def _resolve(cfg: NiahConfig) -> tuple[str, str | None, dict]:
-    """(base model, adapter folder, overrides) of --model, registry URIs resolved through MLflow."""
+def resolve_source(cfg) -> tuple[str, str | None, dict]:
+    """(base model, adapter folder, overrides) of --model, registry URIs resolved through MLflow; `cfg`: any
+    evaluation config with `model`, `tracking_uri` and `model_overrides`."""
     from pipelines.serving.spec import ServeSpec, is_registry_uri
 
     if not is_registry_uri(cfg.model):
@@ -303,7 +320,7 @@ def prepare(cfg: NiahConfig):
         make = lambda context, budget: ep
     else:
         try:
-            model, adapter, overrides = _resolve(cfg)
+            model, adapter, overrides = resolve_source(cfg)
             limit, _ = model_limits(EngineConfig(model=model, model_overrides=overrides))
         except ValueError as e:
             raise ConfigError("model", str(e)) from None
@@ -369,17 +386,24 @@ def run(cfg: NiahConfig, progress: Callable[[str, int, int], None] = lambda *a: 
         mine = [r for r in rows if r.config == conf.label]
         ans = [answers[(i, conf.label)] for i in range(len(cases))]
         base = RunConfig(conf.policy, conf.ratio, OFF).label
-        agree = None
+        agree = identical = None
+        changed = []
         if conf.art != OFF and base in seconds:
-            ref = [r.correct for r in rows if r.config == base]
-            agree = sum(r.correct == x for r, x in zip(mine, ref)) / len(mine)
+            ref = [r for r in rows if r.config == base]
+            agree = sum(r.correct == x.correct for r, x in zip(mine, ref)) / len(mine)
+            identical = sum(r.answer == x.answer for r, x in zip(mine, ref)) / len(mine)
+            changed = [{"variant": r.variant, "length": r.length, "depth": r.depth, "sample": r.sample,
+                        "expected": r.values, "art_off": x.answer, "answer": r.answer, "correct": r.correct}
+                       for r, x in zip(mine, ref) if r.correct != x.correct]
         tokens = sum(a.completion_tokens for a in ans)
         cand = sum(a.candidates for a in ans)
+        correct = sum(r.correct for r in mine)
         summaries.append(ConfigSummary(
-            conf.label, sum(r.correct for r in mine) / len(mine),
+            conf.label, correct / len(mine),
             {v: sum(r.correct for r in mine if r.variant == v) / sum(r.variant == v for r in mine) for v in cfg.variants},
             tokens / seconds[conf.label] if seconds[conf.label] else 0.0,
-            1.0 - sum(a.visited for a in ans) / cand if cand else 0.0, seconds[conf.label], tokens, agree))
+            1.0 - sum(a.visited for a in ans) / cand if cand else 0.0, seconds[conf.label], tokens, agree,
+            correct, len(mine), wilson_interval(correct, len(mine)), identical, changed))
     return NiahReport(cfg, configs, rows, summaries, source)
 
 
@@ -391,10 +415,14 @@ def _fmt_depth(d: float) -> str:
 def summary_frame(report: NiahReport) -> pd.DataFrame:
     """One row per configuration: accuracy overall and per variant, tokens/s, skipped KV, agreement."""
     variants = report.config.variants
-    return pd.DataFrame([[s.config, f"{s.accuracy:.3f}", *(f"{s.by_variant[v]:.3f}" for v in variants),
+    return pd.DataFrame([[s.config, f"{s.accuracy:.3f}", f"{s.wilson[0]:.2f}-{s.wilson[1]:.2f}",
+                          *(f"{s.by_variant[v]:.3f}" for v in variants),
                           f"{s.tokens_per_s:.1f}", f"{s.skipped_fraction:.1%}",
-                          "-" if s.agree is None else f"{s.agree:.0%}"] for s in report.summaries],
-                        columns=["config", "accuracy", *variants, "tokens/s", "skipped KV", "same as ART off"])
+                          "-" if s.agree is None else f"{s.agree:.0%}",
+                          "-" if s.identical is None else f"{s.identical:.0%}",
+                          "-" if s.agree is None else str(len(s.changed))] for s in report.summaries],
+                        columns=["config", "accuracy", "95% Wilson", *variants, "tokens/s", "skipped KV",
+                                 "same as ART off", "identical answers", "changed"])
 
 
 def grid_frame(report: NiahReport) -> pd.DataFrame:
@@ -411,8 +439,32 @@ def markdown(report: NiahReport) -> str:
     return tables.markdown(summary_frame(report)) + "\n\n" + tables.markdown(grid_frame(report))
 
 
+def write_kvpress(report: NiahReport, root: Path) -> list[Path]:
+    """One kvpress RULER run folder per configuration x length (kvpress's data_dir is the length): tasks
+    niah_<variant>, metrics.json {task: {"string_match": RULER's string_match_all, 0..100}} from the values found."""
+    cfg = report.config
+    model = report.source.get("served_model") or cfg.model
+    folders = []
+    for conf in report.configs:
+        for length in cfg.lengths:
+            mine = [r for r in report.rows if r.config == conf.label and r.length == length]
+            found = defaultdict(list)
+            for r in mine:
+                found[f"niah_{r.variant}"].append(r.found / r.expected)
+            run = kvpress_layout.KvpressRun("ruler", str(length), model, conf.policy, conf.ratio, conf.art,
+                                            cfg.max_tokens, None, None if cfg.endpoint else cfg.device, cfg.seed)
+            predictions = [{"task": f"niah_{r.variant}", "answer": r.values.split(","), "predicted_answer": r.answer,
+                            "compression_ratio": conf.ratio, "depth": r.depth, "sample": r.sample,
+                            "correct": r.correct, "art_mode": r.art_mode, "prompt_sha": r.prompt_sha} for r in mine]
+            metrics = {t: {"string_match": round(100 * sum(v) / len(v), 2)} for t, v in found.items()}
+            folders.append(kvpress_layout.write_run(root, run, predictions, metrics))
+    return folders
+
+
 def write_files(report: NiahReport, out: Path) -> dict[str, Path]:
-    """niah.csv (the grid), niah.md (summary + grid), answers.jsonl (every answer), heatmap-*.png."""
+    """niah.csv (the grid), niah.md (summary + grid), answers.jsonl (every answer), changed.jsonl (the
+    answers scored unlike ART off), heatmap-*.png, and
+    kvpress/<run>/ folders (kvpress_layout)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "niah.csv", "md": out / "niah.md", "answers": out / "answers.jsonl",
              "config": out / "niah.json"}
@@ -422,10 +474,15 @@ def write_files(report: NiahReport, out: Path) -> dict[str, Path]:
         w.writerows(report.grid())
     files["md"].write_text(markdown(report) + "\n")
     files["answers"].write_text("".join(json.dumps(asdict(r)) + "\n" for r in report.rows))
+    files["changed"] = out / "changed.jsonl"   # per ART config, the cases scored unlike its ART-off config
+    files["changed"].write_text("".join(json.dumps({"config": s.config, **c}) + "\n"
+                                        for s in report.summaries for c in s.changed))
     files["config"].write_text(json.dumps({"config": asdict(report.config) | {"api_key": None},
                                            "source": report.source}, indent=2, default=str))
     for conf in report.configs:
         files[f"heatmap:{conf.label}"] = plot_heatmap(report, conf.label, out / f"heatmap-{conf.key.replace('/', '-')}.png")
+    for folder in write_kvpress(report, out / "kvpress"):
+        files.update({f"kvpress:{folder.name}/{f}": folder / f for f in kvpress_layout.FILES})
     return files
 
 
@@ -472,8 +529,11 @@ def metrics(report: NiahReport) -> dict[str, float]:
         out.update({f"accuracy/{k}/{v}": a for v, a in s.by_variant.items()})
         out[f"tokens_per_s/{k}"] = s.tokens_per_s
         out[f"skipped_fraction/{k}"] = s.skipped_fraction
+        out[f"accuracy_wilson_low/{k}"], out[f"accuracy_wilson_high/{k}"] = s.wilson
         if s.agree is not None:
             out[f"agree_with_art_off/{k}"] = s.agree
+            out[f"identical_to_art_off/{k}"] = s.identical
+            out[f"changed_vs_art_off/{k}"] = len(s.changed)
     return out
 
 
@@ -505,7 +565,8 @@ def log_mlflow(report: NiahReport, out: Path, experiment: str = EXPERIMENT, run_
         log_metrics(client, rid, [Metric(k, float(v), now, 0) for k, v in metrics(report).items()])
         files = write_files(report, out)
         for name, path in files.items():
-            client.log_artifact(rid, str(path), "heatmaps" if name.startswith("heatmap:") else None)
+            client.log_artifact(rid, str(path), "heatmaps" if name.startswith("heatmap:") else
+                                None if path.parent == out else str(path.parent.relative_to(out)))
     except BaseException:
         client.set_terminated(rid, "FAILED")
         raise

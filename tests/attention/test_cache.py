@@ -6,10 +6,10 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from attention import ARTConfig, enable_art, new_cache
-from attention.cache import GrowingLayer, key_bounds, tile_cache
+from attention.cache import GrowingLayer, block_balls, key_bounds, tile_cache
 from attention.generate import greedy_decode, prefill
 from attention.hf import make_press
-from attention.reference import block_key_bounds
+from attention.reference import block_balls as reference_balls, block_key_bounds
 
 from .test_hf import PROMPT, greedy, tiny_llm
 
@@ -60,6 +60,61 @@ def test_kept_key_bounds_follow_the_appends(block):
     assert key_bounds(keys.clone(), block) is None            # not a view of a cache we own
     layer.keys, layer.values = keys[:, :, :10].clone(), keys[:, :, :10].clone()
     assert layer._bounds is None                              # reassigned: summaries dropped
+
+
+def check_kept_balls(keys, values, block, want_keys=True, want_values=True):
+    kept = block_balls(keys, values, block, want_keys, want_values)
+    assert kept is not None and kept[4] == keys.shape[2] // block
+    ones = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
+    for x, (c, r), wanted in ((keys, kept[:2], want_keys), (values, kept[2:4], want_values)):
+        if not wanted:
+            assert c is None and r is None
+            continue
+        center, radius = reference_balls(x, ones, block)   # from scratch over the whole cache
+        assert c.shape[2] == r.shape[2] == kept[4]
+        assert torch.equal(c, center[:, :, : kept[4]]) and torch.equal(r, radius[:, :, : kept[4]])
+
+
+@pytest.mark.parametrize("block", [16, 64])
+def test_kept_balls_follow_appends_crops_and_assignments(block):
+    layer = GrowingLayer()
+    keys, values = layer.update(*states(150, 0))
+    assert block_balls(keys, values, block)[4] == 150 // block and layer._balls
+    check_kept_balls(keys, values, block, want_values=False)
+    for step, n in enumerate([1, 3, 40, 1, 17, 70, 1, 1, 33] + [1] * 20):   # appends crossing block boundaries
+        keys, values = layer.update(*states(n, step + 1))
+        check_kept_balls(keys, values, block, want_keys=step % 3 != 1, want_values=step % 4 != 2)
+    layer.crop(keys.shape[2] - 2 * block - 5)                       # crop: the kept balls are dropped
+    assert not layer._balls
+    keys, values = layer.keys, layer.values
+    check_kept_balls(keys, values, block)
+    keys, values = layer.update(*states(2 * block + 9, 100))
+    check_kept_balls(keys, values, block)
+    k, v = states(3 * block + 7, 101)
+    layer.keys, layer.values = k, v                                 # what a kvpress press does after prefill
+    assert not layer._balls and block_balls(k, v, block) is None   # not a buffer we own yet
+    for step in range(block + 3):
+        keys, values = layer.update(*states(1, 200 + step))
+        check_kept_balls(keys, values, block)
+    check_kept_balls(keys, values, block // 2)                     # another block size: summarised anew
+    assert block_balls(keys, values.clone(), block) is None        # values that are not this cache's
+    assert block_balls(keys.clone(), values, block) is None
+
+
+def test_kept_balls_summarise_each_complete_block_once(monkeypatch):
+    import attention.cache as kv_cache
+
+    read = []
+    real = kv_cache.reference.block_balls
+    monkeypatch.setattr(kv_cache.reference, "block_balls", lambda x, valid, bs: read.append(x.shape[2]) or
+                        real(x, valid, bs))
+    layer = GrowingLayer()
+    keys, values = layer.update(*states(40, 0))
+    for step in range(100):
+        block_balls(keys, values, 16)
+        keys, values = layer.update(*states(1, step + 1))
+    assert sum(read) == 2 * (139 // 16) * 16   # keys and values of each complete block, once
+    assert block_balls(keys, values, 16, want_values=False)[2] is None
 
 
 def test_new_cache_generates_like_stock_and_tiles():

@@ -182,3 +182,47 @@ def test_cpu_kernel_path_decides_like_the_reference(cfg, kept):
     assert runs[0][1] == runs[1][1]
     if cfg.mode == "stability":
         assert runs[0][2] < sum(c for _, c in runs[0][1].values())   # it did skip blocks
+
+
+
+# (config, factor on the q and k projections: sharper attention, so that skip mode skips on a random model)
+BALL_CONFIGS = [(ARTConfig(mode="certified", eps=0.05, block_size=16, score_bound="box+ball", certificate="relative"), 1),
+                (ARTConfig(mode="certified", eps=0.1, block_size=16, score_bound="box+ball", certificate="absolute"), 1),
+                (ARTConfig(mode="skip", skip_lambda=0.5, block_size=16, order="bound", score_bound="box+ball"), 40)]
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+@pytest.mark.parametrize("cfg, sharpen", BALL_CONFIGS,
+                         ids=["certified-box+ball-relative", "certified-box+ball-absolute", "skip-bound-box+ball"])
+def test_kept_balls_decide_like_balls_from_scratch(cfg, sharpen, impl):
+    """Key and value balls kept with our cache (the complete blocks summarised once, the newest in each
+    call) give the same tokens and the same visited blocks, layer by layer, as balls computed from the
+    whole cache at every call (a plain DynamicCache), and certified mode's bound holds on every call."""
+    from attention import new_cache
+    from attention.cache import GrowingLayer
+
+    model = tiny_llm()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= sharpen
+            layer.self_attn.k_proj.weight *= sharpen
+    ids = torch.randint(3, 256, (2, 150), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :40], mask[0, :40] = 0, 0   # left padding: kept blocks holding masked positions are summarised again
+    runs = []
+    for prompt, attn in ((PROMPT, None), (ids, mask)):
+        for kept in (True, False):
+            cache = new_cache(model) if kept else None
+            with enable_art(model, cfg, impl=impl, verify_bound=True):
+                with torch.no_grad():
+                    out = model.generate(prompt, attention_mask=attn, max_new_tokens=10, min_new_tokens=10,
+                                         do_sample=False, pad_token_id=0, past_key_values=cache)
+                stats = model.art_stats()
+            if kept:
+                assert all(isinstance(layer, GrowingLayer) and layer._balls for layer in cache.layers)
+            if cfg.mode == "certified":
+                assert stats.bound_checked > 0 and stats.bound_violations == 0
+            runs.append((out, stats.per_layer))
+        assert torch.equal(runs[-2][0], runs[-1][0]) and runs[-2][1] == runs[-1][1]
+    if cfg.certificate != "relative":   # (on a random model the relative certificate visits every block)
+        assert sum(v for v, _ in runs[0][1].values()) < sum(c for _, c in runs[0][1].values())   # it did skip

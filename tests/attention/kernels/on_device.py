@@ -13,13 +13,15 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def moved(x, device):
-    """x with its tensors (also inside tuples, lists and `ARTStats`) on `device`."""
+    """x with its tensors (also inside dicts, tuples, lists and `ARTStats`) on `device`."""
     if isinstance(x, torch.Tensor):
         if x._base is None:
             return x.to(device)
         # a view (of a KV pool, say) stays a view with its strides, so the kernel reads it as it would there
         base = x._base.to(device)
         return base.as_strided(x.shape, x.stride(), x.storage_offset() - x._base.storage_offset())
+    if isinstance(x, dict):
+        return {key: moved(y, device) for key, y in x.items()}
     if isinstance(x, (tuple, list)):
         return type(x)(moved(y, device) for y in x)
     if isinstance(x, ARTStats):

@@ -20,11 +20,15 @@ FP32 = dict(rtol=1e-4, atol=5e-5)
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
 
-def pool_batch(hq=8, hkv=2, t=300, t_cap=384, d=32, slots=6, seed=0, window=False, dtype=torch.float32):
+def pool_batch(hq=8, hkv=2, t=300, t_cap=384, d=32, slots=6, seed=0, window=False, dtype=torch.float32,
+               graded=False):
     """A KV pool of `slots` rows (T_cap positions) and a decode batch over 4 of them, permuted:
     (q (4, hq, d), k, v (slots, hkv, t, d) non-contiguous views of the pool, rows, lengths, starts or None,
     the pool itself). Like trained LLMs, sinks and the newest keys dominate; positions past each row's
-    length and unused rows hold NaN, so reading them would show."""
+    length and unused rows hold NaN, so reading them would show. graded: milder sinks and newest keys, and
+    keys clustered per 16 positions, each cluster with its own weight along the row's query direction
+    (scores spread over ~8 nats), so that the bounds are informative and every criterion skips some
+    blocks but not all (as `tests.attention.test_reference.structured`)."""
     g = torch.Generator().manual_seed(seed)
     rows = torch.tensor([4, 1, 5, 2])
     lengths = torch.tensor([t, t - 37, t // 2 + 5, 70])
@@ -33,12 +37,18 @@ def pool_batch(hq=8, hkv=2, t=300, t_cap=384, d=32, slots=6, seed=0, window=Fals
     v_pool = torch.randn(slots, hkv, t_cap, d, generator=g)
     qg = torch.randn(slots, hkv, 1, d, generator=g)
     direction = qg / qg.norm(dim=-1, keepdim=True)
-    k_pool[:, :, :4] += 12.0 * math.sqrt(d) * direction
+    sink, recent = (1.5, 1.0) if graded else (12.0, 6.0)
+    k_pool[:, :, :4] += sink * math.sqrt(d) * direction
     q = torch.empty(4, hq, d)
     for i, (r, n) in enumerate(zip(rows.tolist(), lengths.tolist())):
-        k_pool[r, :, n - 3: n] += 6.0 * math.sqrt(d) * direction[r]
+        k_pool[r, :, n - 3: n] += recent * math.sqrt(d) * direction[r]
         noise = torch.randn(hkv, hq // hkv, d, generator=g)
         q[i] = (qg[r] + 0.3 * noise).reshape(hq, d)
+    if graded:
+        clusters = t_cap // 16
+        level = torch.rand(slots, hkv, clusters, 1, generator=g)
+        center = level * math.sqrt(d) * direction + 0.5 * torch.randn(slots, hkv, clusters, d, generator=g)
+        k_pool += center.repeat_interleave(16, 2)
     kept_bounds = {bs: block_key_bounds(k_pool, torch.ones(slots, t_cap, dtype=torch.bool), bs)
                    for bs in (16, 24, 32, 48, 64)}   # what the pool keeps: every block it has written
     unused = torch.ones(slots, dtype=torch.bool)
@@ -101,10 +111,10 @@ def rows_with(impl, *args, **kwargs):
     return decode_rows(*args, impl=impl, **kwargs)
 
 
-def run_scenario(impl, cfg, scenario, hq, hkv, t, d, dtype, tol):
+def run_scenario(impl, cfg, scenario, hq, hkv, t, d, dtype, tol, graded=False):
     spec = SCENARIOS[scenario]
     q, k, v, rows, lengths, starts, kept = pool_batch(hq=hq, hkv=hkv, t=t, d=d, seed=hq + hkv,
-                                                      window=spec.get("window", False), dtype=dtype)
+                                                      window=spec.get("window", False), dtype=dtype, graded=graded)
     kwargs = dict(lengths=lengths, starts=starts, rows=rows, quest_ratio=spec.get("quest_ratio", 0.0))
     if spec.get("bounds"):
         kwargs["key_bounds"] = pool_bounds(kept, cfg.block_size, rows, lengths)
@@ -127,6 +137,42 @@ def test_cpu_kernel_matches_the_definition(scenario, cfg, hq, hkv, dtype):
         assert (candidates <= blocks).all() and (candidates < blocks).any()
     else:
         assert torch.equal(candidates, blocks)
+
+
+# The skip comparator, box+ball bounds and the value-aware certificates (the CPU kernel; Triton's own
+# tests are in test_triton.py). On graded pools, where each of them skips some blocks but not all.
+NEW_CONFIGS = [ARTConfig(mode="skip", skip_lambda=1e-3, block_size=32),
+               ARTConfig(mode="skip", skip_lambda=1.0, block_size=16, order="bound", score_bound="box+ball",
+                         recent_blocks=0),
+               ARTConfig(mode="certified", eps=1e-3, block_size=32, score_bound="box+ball"),
+               ARTConfig(mode="certified", eps=1e-2, block_size=32, certificate="relative"),
+               ARTConfig(mode="certified", eps=1e-2, block_size=16, certificate="absolute", score_bound="box+ball",
+                         recent_blocks=2, min_blocks=1),
+               ARTConfig(tau=1e-2, phi=1e-2, patience=2, block_size=16, order="bound", score_bound="box+ball")]
+
+
+def new_id(c):
+    return f"{c.mode}-{c.certificate if c.mode == 'certified' else c.skip_lambda}-{c.score_bound}-{c.block_size}"
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("cfg", NEW_CONFIGS, ids=new_id)
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (9, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_kernel_matches_the_definition_on_the_new_criteria(scenario, cfg, hq, hkv, dtype):
+    tol = FP32 if dtype == torch.float32 else BF16
+    _, visited, candidates = run_scenario("cpu", cfg, scenario, hq, hkv, 200, 64, dtype, tol, graded=True)
+    assert visited.sum() > hkv * 4   # more than the sink blocks
+    if "quest" not in scenario:      # (Quest's budget alone may leave nothing more to skip)
+        assert (visited < candidates).any()
+
+
+@pytest.mark.parametrize("cfg", NEW_CONFIGS[:5], ids=new_id)
+def test_the_new_criteria_skip_what_they_skip_in_the_reference(cfg):
+    """The oracle on graded pools: the rows' decisions are real (some blocks skipped, not all)."""
+    q, k, v, rows, lengths, starts, _ = pool_batch(t=200, d=64, window=True, graded=True)
+    _, visited, candidates = reference_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows)
+    assert 0.05 < 1 - visited.sum() / candidates.sum() < 0.9
 
 
 TRITON_CONFIGS = [ARTConfig(tau=1e-3, phi=1e-2, patience=2, block_size=16),
@@ -222,6 +268,9 @@ def test_bad_row_values_are_refused(impl):
         decode_rows(q, k, v, cfg, lengths=lengths, rows=rows, quest_ratio=1.0, impl=impl)
     with pytest.raises(ValueError, match="key_bounds must be"):
         decode_rows(q, k, v, cfg, lengths=lengths, rows=rows, key_bounds=(torch.zeros(6, 2, 3, 32),) * 2, impl=impl)
+    with pytest.raises(ValueError, match="key_bounds must be on k's device"):   # a pool's bounds left behind
+        decode_rows(q, k, v, cfg, lengths=lengths, rows=rows, impl=impl,
+                    key_bounds=(torch.zeros(6, 2, 7, 32, device="meta"),) * 2)
 
 
 # ---- no host synchronisation, no work proportional to the pool -------------------------------------------
@@ -293,4 +342,17 @@ def test_the_pool_is_never_copied(impl):
         launch.run()
         got = moved(triton_decode.finish_rows(launch, args[0]), "cpu")
     assert 0 < watch.largest < k[0].numel()   # less than one pool row, let alone all 40
+    assert_same_rows(got, reference_rows(q, k, v, cfg, **kwargs), FP32)
+
+
+def test_the_new_criteria_read_the_batch_rows_never_the_pool():
+    """The summaries of box+ball bounds and the value-aware certificate come from the batch's rows only
+    (gathered, as `attention.reference.rows_summaries` does), a few rows' worth, never the 40-row pool."""
+    q, k, v, rows, lengths, starts, kept = pool_batch(t=200, slots=40, window=True, graded=True)
+    cfg = ARTConfig(mode="certified", eps=1e-2, block_size=32, certificate="relative", score_bound="box+ball")
+    kwargs = dict(lengths=lengths, starts=starts, rows=rows, quest_ratio=0.3,
+                  key_bounds=pool_bounds(kept, 32, rows, lengths))
+    with Watch() as watch:
+        got = decode_rows(q, k, v, cfg, impl="cpu", **kwargs)
+    assert 0 < watch.largest <= 2 * len(rows) * k[0].numel() < k.numel() / 4
     assert_same_rows(got, reference_rows(q, k, v, cfg, **kwargs), FP32)

@@ -14,13 +14,13 @@ from pipelines.cli import app
 from tests.helpers import markdown_rows
 
 TRUNCATING = ARTConfig(tau=1.0, phi=1.0, patience=1, min_blocks=1, block_size=16)
-ROWS = ["stock", "dense/off", "dense/custom", "snapkv/off", "snapkv/custom"]
+ROWS = ["stock", "dense/off", "dense/custom", "dense/walk", "snapkv/off", "snapkv/custom", "snapkv/walk"]
 
 
 @pytest.fixture(scope="module")
 def run():
     cfg = bd.BenchDecodeConfig(model="random:llama-tiny", policies=("dense", "snapkv"), contexts=(256, 320),
-                               batches=(1, 4), art=(TRUNCATING,), prompts=2, new_tokens=5, rounds=2,
+                               batches=(1, 4), art=(TRUNCATING, "walk"), prompts=2, new_tokens=5, rounds=2,
                                dtype="float32")
     model, tok = bd.load(cfg)
     impl = model.config._attn_implementation
@@ -58,6 +58,11 @@ def test_art_off_visits_everything_and_speedups_are_off_over_on(run):
             assert r.attention_speedup == pytest.approx(off.attention_ms / r.attention_ms)
             assert r.tokens_speedup == pytest.approx(r.tokens_per_s / off.tokens_per_s)
             assert r.visited_fraction < 1.0   # the truncating setting stops early
+            walk = by[(c, b, row.split("/")[0] + "/walk")]
+            assert r.attention_vs_walk == pytest.approx(walk.attention_ms / r.attention_ms)
+            assert r.tokens_vs_walk == pytest.approx(r.tokens_per_s / walk.tokens_per_s)
+        elif row.endswith("/walk"):   # the kernel visiting every block: a baseline, compared with off only
+            assert r.visited_fraction == 1.0 and r.attention_vs_walk is None and r.tokens_speedup is not None
         else:
             assert r.visited_fraction is None and r.policy == "-"
 
@@ -83,9 +88,12 @@ def test_verdicts_at_the_biggest_context_and_batches_from_4(run):
     _, _, _, report, _ = run
     verdicts = bd.verdicts(report)
     assert [v.target for v in verdicts] == ["custom on dense, 320 tokens, batch 4",
-                                            "custom on snapkv, 320 tokens, batch 4"]
+                                            "custom on dense, 320 tokens, batch 4, vs walk",
+                                            "custom on snapkv, 320 tokens, batch 4",
+                                            "custom on snapkv, 320 tokens, batch 4, vs walk"]
     on = next(r for r in report.results if (r.context, r.batch, r.row) == (320, 4, "dense/custom"))
-    assert verdicts[0].met == (on.attention_speedup >= 1.3 and on.tokens_speedup >= 1.2)
+    assert verdicts[0].met == (on.attention_speedup >= 1.4 and on.tokens_speedup >= 1.2)
+    assert verdicts[1].met == (on.attention_vs_walk >= 1.4 and on.tokens_vs_walk >= 1.2)
 
 
 def test_passkey_hits_count_each_distinct_prompt_once():

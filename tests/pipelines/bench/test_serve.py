@@ -67,7 +67,7 @@ def test_summarize_recomputes_rows_and_ratios():
 @pytest.mark.parametrize("args,option,message", [
     (["--concurrency", "1,x"], "--concurrency", "comma list of integers"),
     (["--concurrency", "4,0"], "--concurrency", "positive integers"),
-    (["--art", "off,turbo"], "--art", "unknown ART preset 'turbo'; valid: paper, certified, tuned, aggressive"),
+    (["--art", "off,turbo"], "--art", "unknown ART preset 'turbo'; valid: paper, certified, tuned, aggressive, skip, walk"),
     (["--art", "off,off"], "--art", "distinct settings"),
     (["--max-tokens", "65"], "--max-tokens", "must be in [1, 64]"),
     (["--prompt-tokens", "500"], "--prompt-tokens", "max_context 512"),

@@ -43,7 +43,7 @@ def no_model_load(monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--variants", "single,needle"], "unknown 'needle'; give one or more distinct of: single, multikey, multivalue, multiquery"),
     (["--policies", "dense,snap"], "unknown 'snap'; give one or more distinct of: dense, streaming, snapkv"),
-    (["--art", "off,fastest"], "unknown ART preset 'fastest'; valid: paper, certified, tuned, aggressive"),
+    (["--art", "off,fastest"], "unknown ART preset 'fastest'; valid: paper, certified, tuned, aggressive, skip, walk"),
     (["--art", "off,tuned+tauu=1"], "unknown ART field 'tauu'"),
     (["--depths", "0.1,1.5"], r"fractions in [0, 1], got [0.1, 1.5]"),
     (["--depths", "0.1,x"], "comma list of numbers"),
@@ -121,6 +121,32 @@ def test_in_process_run_logs_the_grid_heatmaps_and_tables(tmp_path):
     assert len(answers) == len(prompts) * len(configs)
     md = (out / "niah.md").read_text()
     assert sum(r[0] == "single" for r in markdown_rows(md)) == len(lengths) * len(depths)
+    # per ART config: a Wilson interval around its accuracy, identical answers and the changed cases vs ART off
+    by_config = defaultdict(list)
+    for a in answers:
+        by_config[a["config"]].append(a)
+    changed = [json.loads(line) for line in (out / "changed.jsonl").read_text().splitlines()]
+    for label, key in zip(configs, keys):
+        low, high = m[f"accuracy_wilson_low/{key}"], m[f"accuracy_wilson_high/{key}"]
+        assert low <= m[f"accuracy/{key}"] <= high and 0 < high - low < 1
+        if label.endswith("/off"):
+            continue
+        off = by_config[label.split("/")[0] + "/off"]
+        mine = by_config[label]
+        assert m[f"identical_to_art_off/{key}"] == sum(x["answer"] == y["answer"] for x, y in zip(mine, off)) / len(mine)
+        flipped = [x for x, y in zip(mine, off) if x["correct"] != y["correct"]]
+        assert m[f"changed_vs_art_off/{key}"] == len(flipped) == sum(c["config"] == label for c in changed)
+
+
+def test_wilson_interval_matches_the_formula():
+    from pipelines.evaluation.niah import wilson_interval
+
+    z = 1.959963984540054
+    for k, n in ((30, 32), (0, 32), (32, 32), (5, 9)):
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+        assert wilson_interval(k, n) == pytest.approx((centre - half, centre + half), abs=1e-9)
 
 
 # -- the test: SmolLM2 through the endpoint, ART certified vs off ----------------------------

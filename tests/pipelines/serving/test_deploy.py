@@ -55,7 +55,7 @@ BAD = [  # spec changes, the field path named, what its message must say
     ({"kv": {"ratio": 1.0}}, "kv.ratio", "less than 1"),
     ({"kv": {"policy": "dense", "keep": 3}}, "kv.keep", "unknown field 'keep'; valid fields: policy, ratio"),
     ({"art": {"preset": "tuned", "tauu": 1e-3}}, "art.tauu", "unknown ART field 'tauu'; valid: preset, mode, block_size"),
-    ({"art": "turbo"}, "art", "unknown ART preset 'turbo'; valid: paper, certified, tuned, aggressive"),
+    ({"art": "turbo"}, "art", "unknown ART preset 'turbo'; valid: paper, certified, tuned, aggressive, skip, walk"),
     ({"art": "tuned+patience=0"}, "art", "patience must be an integer >= 1"),
     ({"art": {"block_size": 2048}}, "art.block_size", r"must be in [8, 1024]"),
     ({"replicas": 0}, "replicas", "at least 1 replica"),
@@ -136,7 +136,7 @@ def test_art_off_in_yaml_text_means_art_off(tmp_path):
             load_serve_spec(path)
         [(field, message)] = e.value.errors
         assert field == "art" and "is ambiguous" in message, message
-        assert "paper, certified, tuned, aggressive" in message and "off" in message, message
+        assert "paper, certified, tuned, aggressive, skip, walk" in message and "off" in message, message
 
 
 def test_api_key_from_the_environment(monkeypatch):

@@ -177,13 +177,13 @@ def test_art_config_values_and_errors():
              ({"block_size": 32.0}, "art.block_size", "'block_size' must be an integer"),
              ({"block_size": 4}, "art.block_size", r"must be in \[8, 1024\]"),
              ({"preset": "fast"}, "art.preset", "unknown ART preset 'fast'; valid: paper, certified, tuned"),
-             ({"mode": "magic"}, "art", "unknown mode 'magic'; valid: stability, certified, off"),
+             ({"mode": "magic"}, "art", "unknown mode 'magic'; valid: stability, certified, skip, walk, off"),
              ("tuned+foo=1", "art", "unknown ART field 'foo'"),
              ("fastest", "art", "unknown ART preset 'fastest'"),
              (7, "art", "a preset name"),
              # JSON's false/true stay errors (a string says what is meant); the spec maps YAML's bare off
              (False, "art", 'got false; to turn ART off send "off"'),
-             (True, "art", "preset name .paper, certified, tuned, aggressive;.*got true$")]
+             (True, "art", "preset name .paper, certified, tuned, aggressive, skip, walk;.*got true$")]
     for value, param, message in cases:
         with pytest.raises(RequestError, match=message) as e:
             art_config(value)
