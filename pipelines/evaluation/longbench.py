@@ -27,9 +27,10 @@ import pandas as pd
 
 from pipelines import tables
 from pipelines.evaluation import kvpress_layout
-from pipelines.evaluation.niah import OFF, ON, ConfigError, InProcess, RunConfig, resolve_source
+from pipelines.evaluation.niah import (OFF, ConfigError, InProcess, RunConfig, check_art_settings,
+                                       checked_dtype, resolve_source, run_configs)
 from workers.data import longbench as lb
-from workers.hardware import DEVICES, DTYPES, resolve_device, resolve_dtype
+from workers.hardware import resolve_device
 
 EXPERIMENT = "sparta-eval"
 FIRST_LINE_TASKS = ("trec", "triviaqa", "samsum")   # scored on the answer's first line (LongBench: + lsht)
@@ -164,7 +165,6 @@ class LongBenchConfig:
     tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
-        from attention.config import parse_art
         from attention.hf import POLICIES
 
         for name in ("tasks", "policies", "art"):
@@ -182,26 +182,15 @@ class LongBenchConfig:
                                           f"give one or more distinct of: {', '.join(POLICIES)}")
         if not 0.0 <= self.policy_ratio < 1.0:
             raise ConfigError("policy_ratio", f"must be in [0, 1), got {self.policy_ratio!r}")
-        if not self.art or len(set(self.art)) != len(self.art):
-            raise ConfigError("art", f"give one or more distinct settings, got {', '.join(self.art) or '(none)'}")
-        for a in self.art:
-            if a not in (OFF, ON):
-                try:
-                    parse_art(a)
-                except ValueError as err:
-                    raise ConfigError("art", f"{err} (or off, on)") from None
+        check_art_settings(self.art)
         for name, low in (("limit", 1), ("max_length", 16), ("max_new_tokens", 1), ("batch", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(name, f"must be >= {low}, got {value}")
-        if self.device not in DEVICES:
-            raise ConfigError("device", f"valid: {', '.join(DEVICES)}; got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError("dtype", f"valid: {', '.join(DTYPES)}; got {self.dtype!r}")
-        self.dtype = resolve_dtype(self.dtype, resolve_device(self.device))
+        self.dtype = checked_dtype(self.device, self.dtype)
 
     def configs(self) -> list[RunConfig]:
-        return [RunConfig(p, self.policy_ratio if p != "dense" else 0.0, a) for p in self.policies for a in self.art]
+        return run_configs(self.policies, self.policy_ratio, self.art)
 
 
 @dataclass

@@ -69,6 +69,34 @@ class RunConfig:
         return self.label.replace("+", "_").replace("=", "")
 
 
+def check_art_settings(art: tuple[str, ...]) -> None:
+    """The checks every evaluation makes of its ART settings (ConfigError naming the field)."""
+    from attention.config import parse_art
+
+    if not art or len(set(art)) != len(art):
+        raise ConfigError("art", f"give one or more distinct settings, got {', '.join(art) or '(none)'}")
+    for a in art:
+        if a not in (OFF, ON):
+            try:
+                parse_art(a)
+            except ValueError as e:
+                raise ConfigError("art", f"{e} (or off, on)") from None
+
+
+def checked_dtype(device: str, dtype: str) -> str:
+    """The dtype an evaluation runs in (auto: what this machine runs natively); ConfigError on bad names."""
+    if device not in DEVICES:
+        raise ConfigError("device", f"valid: {', '.join(DEVICES)}; got {device!r}")
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", f"valid: {', '.join(DTYPES)}; got {dtype!r}")
+    return resolve_dtype(dtype, resolve_device(device))
+
+
+def run_configs(policies, policy_ratio: float, art) -> list[RunConfig]:
+    """Every policy x ART setting (dense takes no ratio)."""
+    return [RunConfig(p, policy_ratio if p != "dense" else 0.0, a) for p in policies for a in art]
+
+
 @dataclass
 class NiahConfig:
     """What to evaluate. Exactly one of `model` (in-process: an alias, folder, random:<arch>-tiny or a
@@ -101,7 +129,6 @@ class NiahConfig:
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        from attention.config import parse_art
         from attention.hf import POLICIES
 
         for name in ("lengths", "depths", "variants", "policies", "art"):
@@ -128,23 +155,11 @@ class NiahConfig:
                 raise ConfigError(name, f"must be >= {low}, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError("max_tokens", f"must be >= 1, got {self.max_tokens}")
-        if self.device not in DEVICES:
-            raise ConfigError("device", f"valid: {', '.join(DEVICES)}; got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError("dtype", f"valid: {', '.join(DTYPES)}; got {self.dtype!r}")
-        # auto: what this machine runs natively
-        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, resolve_device(self.device)))
-        if not self.art or len(set(self.art)) != len(self.art):
-            raise ConfigError("art", f"give one or more distinct settings, got {', '.join(self.art) or '(none)'}")
-        for a in self.art:
-            if a not in (OFF, ON):
-                try:
-                    parse_art(a)
-                except ValueError as e:
-                    raise ConfigError("art", f"{e} (or off, on)") from None
+        object.__setattr__(self, "dtype", checked_dtype(self.device, self.dtype))
+        check_art_settings(self.art)
 
     def configs(self) -> list[RunConfig]:
-        return [RunConfig(p, self.policy_ratio if p != "dense" else 0.0, a) for p in self.policies for a in self.art]
+        return run_configs(self.policies, self.policy_ratio, self.art)
 
 
 # -- answering: in-process or through an endpoint -------------------------------------------------
