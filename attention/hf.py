@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,23 @@ def make_press(policy: str, ratio: float):
     import kvpress   # imported only here: importing it patches transformers' attention functions
 
     return getattr(kvpress, POLICIES[policy])(compression_ratio=ratio)
+
+
+@contextmanager
+def pressed(press, model):
+    """`with press(model)` (kvpress), except that sliding-window layers keep their KV: a sliding layer's cache
+    holds exactly its window, and transformers' masks assume it. kvpress skips those layers itself only for
+    Gemma3ForConditionalGeneration, not for Gemma-3's text-only models."""
+    if press is None:
+        yield
+        return
+    sliding = [m for m in model.modules() if getattr(m, "is_sliding", False)]
+    with press(model):
+        for module in sliding:   # drop the hooks the press just registered on sliding layers
+            for key in [k for k, h in module._forward_hooks.items() if getattr(h, "__self__", None) is press]:
+                module._forward_hooks.pop(key)
+                module._forward_hooks_with_kwargs.pop(key, None)
+        yield
 
 
 @dataclass
@@ -214,7 +232,7 @@ class ARTSession:
         for m in layers:
             m._sparta_art = _LayerState(config, self._quest_ratio, impl, verify=verify_bound)
         self._final: ARTStatsSummary | None = None
-        self._press_ctx = press(model) if press is not None else None   # kvpress: `with press(model)`
+        self._press_ctx = pressed(press, model) if press is not None else None
         if self._press_ctx is not None:
             self._press_ctx.__enter__()
         model.art_stats = self.stats

@@ -28,7 +28,7 @@ from attention import ARTConfig, enable_art
 from attention.cache import tile_cache
 from attention.config import parse_art
 from attention.generate import Prefilled, greedy_decode, prefill
-from attention.hf import POLICIES, make_press
+from attention.hf import POLICIES, make_press, pressed
 from pipelines.bench.common import ConfigError, Verdict
 from workers.hardware import DTYPES, cpu_name, resolve_dtype
 
@@ -384,7 +384,7 @@ def prefill_policy(model, ids: torch.Tensor, policy: str, ratio: float) -> Prefi
     press = make_press(policy, ratio)
     if press is None:
         return prefill(model, ids)
-    with press(model):   # only around the prefill: decode must not run under the press
+    with pressed(press, model):   # only around the prefill: decode must not run under the press
         return prefill(model, ids)
 
 

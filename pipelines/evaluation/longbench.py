@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipelines import tables
 from pipelines.evaluation import kvpress_layout
-from pipelines.evaluation.niah import (OFF, ConfigError, InProcess, RunConfig, check_art_settings,
+from pipelines.evaluation.niah import (OFF, ConfigError, InProcess, RunConfig, answer_chunks, check_art_settings,
                                        checked_dtype, resolve_source, run_configs)
 from workers.data import longbench as lb
 from workers.hardware import resolve_device
@@ -295,17 +295,8 @@ def run(cfg: LongBenchConfig, progress: Callable[[str, int, int], None] = lambda
     total = len(prompts) * len(configs)
     progress("loading the model", 0, total)
     answerer = make(max(len(p.prompt) + p.max_tokens for p in prompts), max(p.max_tokens for p in prompts))
-    answers: dict[tuple[int, str], object] = {}
-    seconds: dict[str, float] = defaultdict(float)
-    done = 0
-    for k, chunk in enumerate(_chunks(prompts, cfg.batch)):
-        for conf in configs[k % len(configs):] + configs[:k % len(configs)]:   # rotated: no config always first
-            start = time.perf_counter()
-            got = answerer.answer([prompts[i] for i in chunk], conf, [prompts[i].max_tokens for i in chunk])
-            seconds[conf.label] += time.perf_counter() - start
-            answers.update({(i, conf.label): a for i, a in zip(chunk, got)})
-            done += len(chunk)
-            progress(f"{conf.label} {prompts[chunk[0]].example.task}", done, total)
+    answers, seconds = answer_chunks(answerer, prompts, [p.max_tokens for p in prompts], _chunks(prompts, cfg.batch),
+                                     configs, lambda p: p.example.task, progress)
     rows = []
     for conf in configs:
         base = RunConfig(conf.policy, conf.ratio, OFF).label

@@ -9,8 +9,10 @@ Prompts are token ids built here with the served model's tokenizer (its chat tem
 lengths are exact; an endpoint gets them as `POST /v1/completions` with `prompt` = ids, greedy, and the
 configuration in the request's `art` and `kv` fields. The cases are processed a chunk at a time, every
 configuration answering the chunk (in a rotating order) before the next one starts, so that machine drift
-hits them alike. tokens/s is completion tokens over the wall time of a configuration's chunks, prefill
-included.
+hits them alike. In-process, each prompt chunk is prefilled once per KV policy and every ART setting
+decodes from a copy of it (`EngineConfig.prefill_reuse`: ART changes decode only), and tokens/s is
+completion tokens over a configuration's decode time; through an endpoint it is over the requests' wall
+time, prefill included.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import Callable
 import pandas as pd
 
 from pipelines import tables
-from pipelines.evaluation import kvpress_layout
+from pipelines.evaluation import frontier, kvpress_layout
 from workers.hardware import DEVICES, DTYPES, resolve_device, resolve_dtype
 from workers.data.niah import VARIANTS, Case, build_cases, found_values, score
 
@@ -170,6 +172,7 @@ class Answer:
     visited: float      # this prompt's share of its decode batch's visited / candidate KV blocks
     candidates: float
     art_mode: str       # what the server decoded with: off, stability or certified
+    prefill_s: float = 0.0   # in-process: its batch's prefill (0 when reused), taken out of the decode time
 
 
 class InProcess:
@@ -182,7 +185,7 @@ class InProcess:
         self.engine = Engine(EngineConfig(
             model=resolved_model, adapter=adapter, tokenizer=tokenizer_name, model_overrides=overrides,
             dtype=cfg.dtype, device=cfg.device, max_context=max_context, max_new_tokens=max_tokens,
-            threads=cfg.threads))
+            threads=cfg.threads, prefill_reuse=len({(c.policy, c.ratio) for c in cfg.configs()})))
 
     def answer(self, cases: list[Case], conf: RunConfig, budgets: list[int]) -> list[Answer]:
         from workers.serving.engine import Job
@@ -192,7 +195,7 @@ class InProcess:
         done = self.engine.run([Job(list(c.prompt), b, art=art, kv=(conf.policy, conf.ratio))
                                 for c, b in zip(cases, budgets)])
         return [Answer(d.text, d.completion_tokens, d.art.visited_blocks / d.art.batch_size,
-                       d.art.candidate_blocks / d.art.batch_size, d.art.mode) for d in done]
+                       d.art.candidate_blocks / d.art.batch_size, d.art.mode, d.prefill_s) for d in done]
 
 
 def _request(url: str, body: dict | None, api_key: str | None, timeout: float) -> dict:
@@ -371,23 +374,34 @@ def _chunks(cases: list[Case], size: int) -> list[list[int]]:
     return [idx[k:k + size] for idx in by_len.values() for k in range(0, len(idx), size)]
 
 
+def answer_chunks(answerer, items: list, budgets: list[int], chunks: list[list[int]], configs: list[RunConfig],
+                  describe: Callable, progress: Callable[[str, int, int], None]):
+    """Every configuration's answers to every item, a chunk at a time, every configuration answering a chunk
+    (in a rotating order: no configuration always first, machine drift hits them alike) before the next one:
+    ({(item index, config label): Answer}, {config label: decode seconds})."""
+    answers: dict[tuple[int, str], Answer] = {}
+    seconds: dict[str, float] = defaultdict(float)
+    done, total = 0, len(items) * len(configs)
+    for k, chunk in enumerate(chunks):
+        for conf in configs[k % len(configs):] + configs[:k % len(configs)]:
+            start = time.perf_counter()
+            got = answerer.answer([items[i] for i in chunk], conf, [budgets[i] for i in chunk])
+            # a chunk is one prompt length under one configuration: one batch, one prefill
+            seconds[conf.label] += time.perf_counter() - start - max(a.prefill_s for a in got)
+            answers.update({(i, conf.label): a for i, a in zip(chunk, got)})
+            done += len(chunk)
+            progress(f"{conf.label} {describe(items[chunk[0]])}", done, total)
+    return answers, seconds
+
+
 def run(cfg: NiahConfig, progress: Callable[[str, int, int], None] = lambda *a: None) -> NiahReport:
     cases, budgets, make, source = prepare(cfg)
     configs = cfg.configs()
     total = len(cases) * len(configs)
     progress("loading the model" if cfg.model else f"connecting to {cfg.endpoint}", 0, total)
     answerer = make(max(c.length + b for c, b in zip(cases, budgets)), max(budgets))
-    answers: dict[tuple[int, str], Answer] = {}
-    seconds: dict[str, float] = defaultdict(float)
-    done = 0
-    for k, chunk in enumerate(_chunks(cases, cfg.batch)):
-        for conf in configs[k % len(configs):] + configs[:k % len(configs)]:   # rotated: no config always first
-            start = time.perf_counter()
-            got = answerer.answer([cases[i] for i in chunk], conf, [budgets[i] for i in chunk])
-            seconds[conf.label] += time.perf_counter() - start
-            answers.update({(i, conf.label): a for i, a in zip(chunk, got)})
-            done += len(chunk)
-            progress(f"{conf.label} {cases[chunk[0]].length} tokens", done, total)
+    answers, seconds = answer_chunks(answerer, cases, budgets, _chunks(cases, cfg.batch), configs,
+                                     lambda c: f"{c.length} tokens", progress)
     rows = []
     for conf in configs:
         for i, c in enumerate(cases):
@@ -478,8 +492,8 @@ def write_kvpress(report: NiahReport, root: Path) -> list[Path]:
 
 def write_files(report: NiahReport, out: Path) -> dict[str, Path]:
     """niah.csv (the grid), niah.md (summary + grid), answers.jsonl (every answer), changed.jsonl (the
-    answers scored unlike ART off), heatmap-*.png, and
-    kvpress/<run>/ folders (kvpress_layout)."""
+    answers scored unlike ART off), frontier.md and frontier.png (pipelines.evaluation.frontier, when an ART
+    setting runs beside ART off), heatmap-*.png, and kvpress/<run>/ folders (kvpress_layout)."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "niah.csv", "md": out / "niah.md", "answers": out / "answers.jsonl",
              "config": out / "niah.json"}
@@ -492,6 +506,10 @@ def write_files(report: NiahReport, out: Path) -> dict[str, Path]:
     files["changed"] = out / "changed.jsonl"   # per ART config, the cases scored unlike its ART-off config
     files["changed"].write_text("".join(json.dumps({"config": s.config, **c}) + "\n"
                                         for s in report.summaries for c in s.changed))
+    if frontier.frontier_rows(report):
+        files["frontier"] = out / "frontier.md"   # skipped KV vs needles lost per ART setting (and its plot)
+        files["frontier"].write_text(tables.markdown(frontier.frontier_frame(report)) + "\n")
+        files["frontier_plot"] = frontier.plot_frontier(report, out / "frontier.png")
     files["config"].write_text(json.dumps({"config": asdict(report.config) | {"api_key": None},
                                            "source": report.source}, indent=2, default=str))
     for conf in report.configs:
@@ -534,7 +552,8 @@ def plot_heatmap(report: NiahReport, label: str, path: Path) -> Path:
 
 def metrics(report: NiahReport) -> dict[str, float]:
     """MLflow metrics: niah/<config>/<variant>/<length>/<depth> per cell, and per configuration
-    accuracy (overall and per variant), tokens_per_s, skipped_fraction."""
+    accuracy (overall and per variant), tokens_per_s, skipped_fraction, and against ART off agreement,
+    identical answers, changed and lost ones."""
     key = {c.label: c.key for c in report.configs}
     out = {f"niah/{key[g['config']]}/{g['variant']}/{g['length']}/{_fmt_depth(g['depth'])}": g["accuracy"]
            for g in report.grid()}
@@ -549,6 +568,7 @@ def metrics(report: NiahReport) -> dict[str, float]:
             out[f"agree_with_art_off/{k}"] = s.agree
             out[f"identical_to_art_off/{k}"] = s.identical
             out[f"changed_vs_art_off/{k}"] = len(s.changed)
+            out[f"needles_lost_vs_art_off/{k}"] = sum(not c["correct"] for c in s.changed)
     return out
 
 

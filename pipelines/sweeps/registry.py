@@ -2,7 +2,7 @@
 ("models from code": base model + adapter folder) and registered, and loading it back offline.
 
     registered = register_best(client, tracking_uri, parent_run_id, trials, summary_df)
-    model, tok = load_registered("models:/sparta-smollm2-135m-multiemo/1")
+    model, tok = load_registered("models:/sparta-smollm2-135m-movie-reviews/1")
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ set_model(AdapterModel())
 
 
 def load_registered(uri: str, tracking_uri: str | None = None, *, merge: bool = False, dtype=None):
-    """(model, tokenizer) of a registered adapter, e.g. "models:/sparta-smollm2-135m-multiemo/1": the
+    """(model, tokenizer) of a registered adapter, e.g. "models:/sparta-smollm2-135m-movie-reviews/1": the
     base model loaded offline (workers.data.assets.load_model) with the adapter applied (adapters.load).
     Tokenizer is None for random tiny models."""
     with scoped_tracking_uri(resolve_tracking_uri(tracking_uri) if tracking_uri else None):

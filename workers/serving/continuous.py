@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.bank import Routing
+from attention.hf import pressed
 from attention.kernels.dispatch import resolve
 from workers.serving import batch_attention
 from workers.serving.batch_attention import DecodeGroup, PrefillChunk, StepBatch
@@ -544,7 +545,7 @@ class ContinuousEngine(Engine):
         seq = request.seqs[0]
         ids = torch.tensor([request.prompt], device=self.device)
         cache = new_cache(self.model, growing=False)
-        with self.stock_attention(), request.press(self.model), self.route(Routing.uniform(request.job.adapter)):
+        with self.stock_attention(), pressed(request.press, self.model), self.route(Routing.uniform(request.job.adapter)):
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.pool.load(seq.slot, [(layer.keys, layer.values) for layer in cache.layers])
         seq.prefilled = len(request.prompt)

@@ -12,17 +12,19 @@ wraps an engine for Ray Serve, and tests drive them directly.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
 from attention import ARTConfig, enable_art
-from attention.generate import decode, prefill
-from attention.hf import art_supported, make_press
+from attention.generate import Prefilled, decode, prefill
+from attention.hf import art_supported, make_press, pressed
 from workers import hardware
 from workers.hardware import DEVICES, DTYPES   # dtype auto: bf16 where the device runs it natively
 from adapters.bank import Routing
@@ -115,6 +117,7 @@ class Completion:
     kv: dict = field(default_factory=dict)
     ttft_s: float | None = None       # arrival to the first token
     tpot_s: float | None = None       # mean time per output token after the first (of choice 0)
+    prefill_s: float = 0.0            # its batch's prompt prefill (0 when a kept prefill was reused)
 
     @property
     def tokens(self) -> list[int]:
@@ -175,6 +178,10 @@ class EngineConfig:
     adapters: dict = field(default_factory=dict)
     max_adapters: int = 16
     runtime_adapters: bool = True
+    # The static engine: prefilled prompt batches kept (least recently used evicted) for later batches with the
+    # same prompts, KV policy and adapter, which then only decode: evaluations that decode one prompt set under
+    # many ART settings (ART changes decode only). 0: off; each kept batch holds its whole KV cache.
+    prefill_reuse: int = 0
     # Test-only fault injection (like workers.training.trial's _crash_at_step): a batch holding a job whose
     # prompt is exactly these token ids raises inside the ART session, as a failing model call would.
     # Never set by a serve spec (pipelines.serving.deploy builds the config without it).
@@ -248,6 +255,8 @@ class Engine:
             raise ValueError(f"the tokenizer has {len(self.codec)} tokens but the model's vocabulary only {vocab}")
         self.art_supported = art_supported(self.model)
         self.counters = {"visited_blocks": 0, "candidate_blocks": 0}
+        self.prefills = {"run": 0, "reused": 0}   # static batches' prefills: run, and copied from kept ones
+        self.kept_prefills: OrderedDict[tuple, tuple[Prefilled, torch.Tensor]] = OrderedDict()
         try:
             self.check_supported(self.art, (cfg.policy, cfg.policy_ratio))
         except RequestError as e:
@@ -395,9 +404,7 @@ class Engine:
                     last[r] = now
             return all(s.finish is not None for s in streams)
 
-        adapter = self.route(Routing.uniform(jobs[0].adapter))
-        with adapter, press(self.model) if press is not None else nullcontext():   # the policy shapes the prompt's KV
-            state = prefill(self.model, ids, mask, pick=pick)
+        state = self.prefilled(ids, mask, (policy, ratio), jobs[0].adapter, press, pick)
         quest = policy == "quest" and ratio > 0
         art = jobs[0].art
         # A model ART cannot drive decodes plainly (check_supported has refused ART and policies for it).
@@ -431,5 +438,34 @@ class Engine:
             ttft = first[k0] - start if first[k0] is not None else None
             tpot = (last[k0] - first[k0]) / (n0 - 1) if n0 > 1 and first[k0] is not None else None
             out.append(Completion(choices, len(job.prompt), usage, max(last[k] for k in mine) - start, dict(kv),
-                                  ttft, tpot))
+                                  ttft, tpot, state.prefill_seconds))
         return out
+
+    def prefilled(self, ids: torch.Tensor, mask: torch.Tensor | None, kv: tuple[str, float], adapter: str | None,
+                  press, pick) -> Prefilled:
+        """The prompt batch `ids` after prefill under the KV policy's press, its first token chosen by `pick`;
+        a copy of a kept one when `prefill_reuse` allows (`pick` then reads the kept last-position logits, so
+        a seeded sampler draws what it would have drawn after a fresh prefill)."""
+        served = self.adapters.entries.get(adapter) if self.adapters is not None and adapter else None
+        key = (tuple(map(tuple, ids.tolist())), None if mask is None else tuple(map(tuple, mask.tolist())),
+               kv, adapter, served.path if served else None)   # an adapter reloaded from elsewhere: a new key
+        kept = self.kept_prefills.get(key) if self.cfg.prefill_reuse else None
+        if kept is not None:
+            self.kept_prefills.move_to_end(key)
+            self.prefills["reused"] += 1
+            state, logits = kept
+            return replace(state, cache=copy.deepcopy(state.cache), next_token=pick(logits), prefill_seconds=0.0)
+        last: list[torch.Tensor] = []
+
+        def keep_logits(logits: torch.Tensor) -> torch.Tensor:
+            last.append(logits)
+            return pick(logits)
+
+        with self.route(Routing.uniform(adapter)), pressed(press, self.model):
+            state = prefill(self.model, ids, mask, pick=keep_logits)   # the policy shapes the prompt's KV
+        self.prefills["run"] += 1
+        if self.cfg.prefill_reuse:   # decode appends to state's cache in place: keep a copy
+            self.kept_prefills[key] = (replace(state, cache=copy.deepcopy(state.cache)), last[0])
+            while len(self.kept_prefills) > self.cfg.prefill_reuse:
+                self.kept_prefills.popitem(last=False)
+        return state

@@ -2,7 +2,7 @@
 reports and resumable checkpoints.
 
     from workers.training.loop import TrainConfig, train
-    result = train(TrainConfig(model="minilm-l6", dataset="multiemo-binary", method="cla", steps=40,
+    result = train(TrainConfig(model="minilm-l6", dataset="movie-reviews-binary", method="cla", steps=40,
                                eval_every=20), report=lambda metrics, checkpoint_dir: ...)
 
 `train` is one plain function of a typed config, read top to bottom: build, step, evaluate, report.

@@ -26,5 +26,5 @@ def test_unknown_trial_is_refused_before_anything_runs(tmp_path):
     result = CliRunner().invoke(app, ["bench", "overhead", str(ROOT / "examples" / "sweep-tiny.yaml"),
                                       "--trial", "nope", "--out", str(tmp_path)])
     assert result.exit_code == 2
-    assert "'nope' is not a trial" in result.output and "minilm-l6/multiemo-binary/lora/seed0" in result.output
+    assert "'nope' is not a trial" in result.output and "minilm-l6/movie-reviews-binary/lora/seed0" in result.output
     assert not any(tmp_path.iterdir())

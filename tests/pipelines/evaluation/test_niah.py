@@ -136,6 +136,15 @@ def test_in_process_run_logs_the_grid_heatmaps_and_tables(tmp_path):
         assert m[f"identical_to_art_off/{key}"] == sum(x["answer"] == y["answer"] for x, y in zip(mine, off)) / len(mine)
         flipped = [x for x, y in zip(mine, off) if x["correct"] != y["correct"]]
         assert m[f"changed_vs_art_off/{key}"] == len(flipped) == sum(c["config"] == label for c in changed)
+        assert m[f"needles_lost_vs_art_off/{key}"] == sum(not x["correct"] for x in flipped)
+    # the frontier: one row per ART setting against its policy's ART off, and its plot
+    frontier = {(r[0], r[1]): r for r in markdown_rows((out / "frontier.md").read_text()) if r[0] != "policy"}
+    assert set(frontier) == {("dense", "tuned+block_size=16"), ("snapkv", "tuned+block_size=16")}
+    for (policy, art), row in frontier.items():
+        key = f"{policy}/{art}".replace("+", "_").replace("=", "")
+        assert row[2] == "stability" and row[3] == f"{m[f'skipped_fraction/{key}']:.1%}"
+        assert int(row[4]) == m[f"needles_lost_vs_art_off/{key}"]
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "frontier.png" in names
 
 
 def test_wilson_interval_matches_the_formula():

@@ -50,7 +50,7 @@ def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi-adapter")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     cla = trained("cla", 1, root)
-    params = {"model": "random:llama-tiny", "dataset": "multiemo", "method": "cla", "seed": 0, "lr": 1e-3, "rank": 4,
+    params = {"model": "random:llama-tiny", "dataset": "movie-reviews", "method": "cla", "seed": 0, "lr": 1e-3, "rank": 4,
               "trial_key": "cla-s0", "task": "causal_lm", "model_overrides": dict(OVERRIDES)}
     final = {"step": 4, "val_accuracy": 0.7, "test_accuracy": 0.6, "val_loss": 0.5, "metric": "accuracy"}
     tracker = tracking.SweepTracker("multi-adapter-test", uri)

@@ -44,7 +44,7 @@ def test_examples_validate():
     assert smol.served_name == "smollm2-135m" and smol.art == "tuned" and smol.url.endswith(":8123")
     assert smol.host == "127.0.0.1" and smol.api_key is None
     many = load_serve_spec(REPO / "examples/serve-adapters.yaml")
-    assert many.served_name == "smollm2-135m" and [a.served_name for a in many.adapters] == ["multiemo"]
+    assert many.served_name == "smollm2-135m" and [a.served_name for a in many.adapters] == ["movie-reviews"]
     assert many.art == "off" and not many.merge
 
 
@@ -190,7 +190,7 @@ def registry(tmp_path_factory):
         for p in handle.adapter_parameters():
             p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     folder = handle.save(root / "adapter")
-    params = {"model": "random:llama-tiny", "dataset": "multiemo", "method": "cla", "seed": 0, "lr": 1e-3,
+    params = {"model": "random:llama-tiny", "dataset": "movie-reviews", "method": "cla", "seed": 0, "lr": 1e-3,
               "rank": 4, "trial_key": "cla-s0", "task": "causal_lm", "model_overrides": dict(OVERRIDES)}
     final = {"step": 4, "val_accuracy": 0.7, "test_accuracy": 0.6, "val_loss": 0.5, "metric": "accuracy"}
     tracker = tracking.SweepTracker("serve-test", uri)

@@ -187,7 +187,13 @@ def test_asha_stops_weak_trials_early_and_lets_the_best_run_every_evaluation(tmp
     # fall below the cutoffs the first two set. grace_period and max_t count evaluations; ASHA measured in
     # optimizer steps would stop every trial at step max_t.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # A table of its own, easy enough that 3e-3 learns within a few evaluations whatever the built-in tasks are.
+    words = {"yes": ["lovely", "wonderful", "great", "superb"], "no": ["awful", "terrible", "bad", "dreadful"]}
+    table = tmp_path / "stays.csv"
+    table.write_text("body,verdict\n" + "".join(f"the stay was {words[label][i % 4]} and the room {i},{label}\n"
+                                                for i in range(200) for label in words))
     path = spec_file(tmp_path, experiment="sweep-asha", methods=["lora"], seeds=[0], max_concurrent=2,
+                     datasets=[{"path": str(table), "text": "body", "label": "verdict"}],
                      search={"lr": [3e-3, 1e-6, 1e-7, 1e-8], "rank": 8},
                      train={"steps": 12, "batch_size": 8, "max_length": 64, "eval_every": 2, "eval_examples": 24},
                      scheduler={"type": "asha", "metric": "val_loss", "mode": "min", "grace_period": 1,

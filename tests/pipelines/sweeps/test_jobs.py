@@ -165,4 +165,4 @@ def test_sweep_submitted_to_a_two_node_loopback_cluster(cluster, tmp_path):
     assert {r.data.tags["sparta.ray_node_id"] for r in runs} == {worker_node}
     (parent,) = client.search_runs([exp.experiment_id], "tags.`sparta.role` = 'sweep'")
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 2
-    assert client.search_model_versions("name = 'sparta-minilm-l6-multiemo-binary'")
+    assert client.search_model_versions("name = 'sparta-minilm-l6-movie-reviews-binary'")

@@ -22,7 +22,7 @@ TRIAL_FIELDS = ["model", "dataset", "method", "seed", *HYPERPARAMS, "trial_key"]
 CONFIG_FIELDS = {"model", "dataset", "method", "seed", *HYPERPARAMS, "trial_key", "epochs", "steps",
                  "batch_size", "max_length", "eval_every", "eval_examples", "precision", "framing",
                  "deepspeed", "analysis", "analysis_settings"}
-BASE = {"experiment": "t", "models": ["minilm-l6"], "datasets": ["multiemo"], "methods": ["lora"],
+BASE = {"experiment": "t", "models": ["minilm-l6"], "datasets": ["movie-reviews"], "methods": ["lora"],
         "train": {"steps": 3}}
 
 
@@ -54,12 +54,12 @@ def test_tiny_example_expands_to_methods_x_seeds():
     trials = s.trials()
     assert [(t["method"], t["seed"]) for t in trials] == [("lora", 0), ("lora", 1), ("cla", 0), ("cla", 1)]
     assert {t["model"] for t in trials} == {"minilm-l6"}
-    assert {t["dataset"] for t in trials} == {"multiemo-binary"}
+    assert {t["dataset"] for t in trials} == {"movie-reviews-binary"}
     assert all(list(t) == TRIAL_FIELDS for t in trials)
-    assert trials[0] == {"model": "minilm-l6", "dataset": "multiemo-binary", "method": "lora", "seed": 0,
+    assert trials[0] == {"model": "minilm-l6", "dataset": "movie-reviews-binary", "method": "lora", "seed": 0,
                          "lr": 1e-3, "rank": 8, "alpha": 16.0, "chain_segments": 3,
                          "lora_plus_ratio": 16.0, "weight_decay": 0.0,
-                         "trial_key": "minilm-l6/multiemo-binary/lora/seed0"}
+                         "trial_key": "minilm-l6/movie-reviews-binary/lora/seed0"}
     assert s.train.steps <= 10 and s.train.epochs is None   # seconds, not minutes
     cfg = s.trial_config(trials[3])
     assert set(cfg) == CONFIG_FIELDS
@@ -73,9 +73,9 @@ def test_small_example_is_the_make_run_sweep():
     assert s.models == ["smollm2-135m"] and s.seeds == [0]
     assert {"lora", "cla"} <= set(s.methods) and 3 <= len(s.methods) <= 5
     assert len(trials) == len(s.methods)
-    assert [t["trial_key"] for t in trials] == [f"smollm2-135m/multiemo/{m}/seed0" for m in s.methods]
+    assert [t["trial_key"] for t in trials] == [f"smollm2-135m/movie-reviews/{m}/seed0" for m in s.methods]
     cfg = s.trial_config(trials[0])
-    assert cfg["framing"] == "generation" and cfg["dataset"] == "multiemo"
+    assert cfg["framing"] == "generation" and cfg["dataset"] == "movie-reviews"
     assert cfg["max_length"] <= 128 and cfg["steps"] * cfg["batch_size"] * len(trials) <= 1200
     assert cfg["deepspeed"]["zero_optimization"] == {"stage": 0}
     # The defaults for a small CPU machine.
@@ -97,7 +97,7 @@ def test_trial_config_carries_train_and_deepspeed():
 def test_a_dumped_spec_validates_to_the_same_spec(tmp_path):
     (tmp_path / "t.csv").write_text("text,label\nx,1\n")
     rich = spec(models=["minilm-l6", "random:gpt2-tiny"],
-                datasets=["multiemo", {"path": str(tmp_path / "t.csv"), "split": "fold"}],
+                datasets=["movie-reviews", {"path": str(tmp_path / "t.csv"), "split": "fold"}],
                 search={"lr": {"loguniform": [1e-5, 1e-3]}, "rank": [4, 8], "num_samples": 2},
                 **{"train.eval_every": 1, "scheduler": {"type": "asha"}, "deepspeed.config": {"x": 1}})
     for s in (load_spec(EXAMPLES / "sweep-tiny.yaml"), load_spec(EXAMPLES / "sweep-small.yaml"),
@@ -109,16 +109,16 @@ def test_a_dumped_spec_validates_to_the_same_spec(tmp_path):
 
 # -- expansion -------------------------------------------------------------------------------------
 def test_grid_expansion_order_and_keys():
-    s = validate(models=["smollm2-135m", "random:llama-tiny"], datasets=["multiemo", "strategyqa"],
+    s = validate(models=["smollm2-135m", "random:llama-tiny"], datasets=["movie-reviews", "movie-reviews-binary"],
                  methods=["lora", "cla", "c3la"], seeds=[0, 1],
                  search={"lr": [1e-4, 3e-4], "rank": [8, 16, 32], "weight_decay": 0.0})
     trials = s.trials()
     assert len(trials) == 2 * 2 * 3 * 2 * 2 * 3
     assert len({t["trial_key"] for t in trials}) == len(trials)
-    assert trials[0]["trial_key"] == "smollm2-135m/multiemo/lora/seed0/lr=1e-4,rank=8"
-    assert trials[5]["trial_key"] == "smollm2-135m/multiemo/lora/seed0/lr=3e-4,rank=32"
-    assert trials[6]["trial_key"] == "smollm2-135m/multiemo/lora/seed1/lr=1e-4,rank=8"
-    assert trials[-1]["trial_key"] == "random:llama-tiny/strategyqa/c3la/seed1/lr=3e-4,rank=32"
+    assert trials[0]["trial_key"] == "smollm2-135m/movie-reviews/lora/seed0/lr=1e-4,rank=8"
+    assert trials[5]["trial_key"] == "smollm2-135m/movie-reviews/lora/seed0/lr=3e-4,rank=32"
+    assert trials[6]["trial_key"] == "smollm2-135m/movie-reviews/lora/seed1/lr=1e-4,rank=8"
+    assert trials[-1]["trial_key"] == "random:llama-tiny/movie-reviews-binary/c3la/seed1/lr=3e-4,rank=32"
     assert [(t["lr"], t["rank"], t["alpha"]) for t in trials[:3]] == [(1e-4, 8, 16.0), (1e-4, 16, 32.0),
                                                                       (1e-4, 32, 64.0)]
     assert all(t["weight_decay"] == 0.0 and t["chain_segments"] == 3 for t in trials)
@@ -175,11 +175,11 @@ BAD = [
     ({"models": ["random:foo-tiny"]}, "models[0]", ["random:llama-tiny", "minilm-l6"]),
     ({"models": ["random:llama"]}, "models[0]", ["random:llama-tiny"]),
     ({"models": []}, "models", ["empty"]),
-    ({"datasets": ["multiemo", "no-such-task"]}, "datasets[1]", ["'no-such-task'", *TASKS]),
+    ({"datasets": ["movie-reviews", "no-such-task"]}, "datasets[1]", ["'no-such-task'", *TASKS]),
     ({"datasets": [{"path": "/no/such/file.csv", "text": "t", "label": "l"}]}, "datasets[0].path",
      ["/no/such/file.csv"]),
     ({"datasets": [{"train": "/no/such/train.jsonl"}]}, "datasets[0].train", ["/no/such/train.jsonl"]),
-    ({"datasets": [{"name": "multiemo", "label": "y"}]}, "datasets[0].label", ["built in"]),
+    ({"datasets": [{"name": "movie-reviews", "label": "y"}]}, "datasets[0].label", ["built in"]),
     ({"datasets": []}, "datasets", ["empty"]),
     ({"seeds": []}, "seeds", ["empty"]),
     ({"seeds": [0, "1"]}, "seeds[1]", ["integer"]),
@@ -255,6 +255,13 @@ def test_bad_spec_names_the_field(changes, path, needles):
         assert needle in e.errors[0][1]
 
 
+def test_a_built_in_task_without_its_data_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARTA_CACHE", str(tmp_path))   # no sdist cached here
+    e = spec_error(spec(datasets=["strategyqa"]))
+    assert [p for p, _ in e.errors] == ["datasets[0]"]
+    assert "bigbench-1.0.0.tar.gz" in e.errors[0][1] and "make bigbench" in e.errors[0][1]
+
+
 def test_missing_required_fields_are_all_named():
     e = spec_error({"experiment": "t"})
     assert {p for p, _ in e.errors} == {"models", "datasets", "methods", "train"}
@@ -316,11 +323,11 @@ def test_dataset_forms(tmp_path):
         {"name": "split-files", "train": "train.jsonl", "validation": "val.jsonl"},
         {"path": "table.parquet", "split": "fold"},
         {"path": "saved"},
-        {"name": "vitaminc"},
+        {"name": "movie-reviews-binary"},
     ]), context=ctx)
-    assert [d.name for d in ok.datasets] == ["split-files", "table", "saved", "vitaminc"]
-    assert [t["dataset"] for t in ok.trials()] == ["split-files", "table", "saved", "vitaminc"]
-    assert ok.trial_config(ok.trials()[3])["dataset"] == "vitaminc"
+    assert [d.name for d in ok.datasets] == ["split-files", "table", "saved", "movie-reviews-binary"]
+    assert [t["dataset"] for t in ok.trials()] == ["split-files", "table", "saved", "movie-reviews-binary"]
+    assert ok.trial_config(ok.trials()[3])["dataset"] == "movie-reviews-binary"
     assert ok.trial_config(ok.trials()[0])["dataset"]["validation"] == str(tmp_path / "val.jsonl")
     bad = [
         ({"path": "notes.txt"}, "datasets[0].path", ".txt"),
@@ -328,7 +335,7 @@ def test_dataset_forms(tmp_path):
         ({"path": "table.parquet", "train": "train.jsonl"}, "datasets[0].train", "not both"),
         ({"path": "table.parquet", "test": "val.jsonl"}, "datasets[0].test", "train"),
         ({"train": "train.jsonl", "split": "fold"}, "datasets[0].split", "path"),
-        ({"name": "multiemo", "path": "table.parquet"}, "datasets[0].name", "built-in"),
+        ({"name": "movie-reviews", "path": "table.parquet"}, "datasets[0].name", "built-in"),
         ({"name": "a/b", "path": "table.parquet"}, "datasets[0].name", "'/'"),
     ]
     for entry, path, needle in bad:
@@ -465,12 +472,12 @@ def test_by_method_overrides_one_methods_values_and_keeps_the_keys():
                                                                         "lora_plus": {"lr": [1e-4, 2e-4]}}})
     rows = {t["trial_key"]: t["lr"] for t in parsed.trials()}
     assert rows == {
-        "minilm-l6/multiemo/full/seed0/rank=4": 5e-5, "minilm-l6/multiemo/full/seed0/rank=8": 5e-5,
-        "minilm-l6/multiemo/lora/seed0/rank=4": 1e-3, "minilm-l6/multiemo/lora/seed0/rank=8": 1e-3,
-        "minilm-l6/multiemo/lora_plus/seed0/lr=1e-4,rank=4": 1e-4,
-        "minilm-l6/multiemo/lora_plus/seed0/lr=1e-4,rank=8": 1e-4,
-        "minilm-l6/multiemo/lora_plus/seed0/lr=2e-4,rank=4": 2e-4,
-        "minilm-l6/multiemo/lora_plus/seed0/lr=2e-4,rank=8": 2e-4,
+        "minilm-l6/movie-reviews/full/seed0/rank=4": 5e-5, "minilm-l6/movie-reviews/full/seed0/rank=8": 5e-5,
+        "minilm-l6/movie-reviews/lora/seed0/rank=4": 1e-3, "minilm-l6/movie-reviews/lora/seed0/rank=8": 1e-3,
+        "minilm-l6/movie-reviews/lora_plus/seed0/lr=1e-4,rank=4": 1e-4,
+        "minilm-l6/movie-reviews/lora_plus/seed0/lr=1e-4,rank=8": 1e-4,
+        "minilm-l6/movie-reviews/lora_plus/seed0/lr=2e-4,rank=4": 2e-4,
+        "minilm-l6/movie-reviews/lora_plus/seed0/lr=2e-4,rank=8": 2e-4,
     }
     # the shared values stay as they were for the other methods, alpha still follows each trial's rank
     assert {(t["method"], t["rank"], t["alpha"]) for t in parsed.trials()} >= {("lora", 8, 16.0), ("full", 4, 8.0)}

@@ -33,7 +33,7 @@ from tests.helpers import markdown_rows
 
 REPO = Path(__file__).resolve().parents[3]
 EXPERIMENT = "sparta-test"
-MODEL, DATASET = "random:llama-tiny", "multiemo"
+MODEL, DATASET = "random:llama-tiny", "movie-reviews"
 OVERRIDES = {"max_position_embeddings": 256}
 # (method, seed) -> final (val accuracy, test accuracy, val loss). cla wins on mean val (0.77 vs 0.72);
 # within cla, seed 1 has the better val accuracy, so a registry that took the first seed would fail.
@@ -370,7 +370,7 @@ def _logits(model) -> torch.Tensor:
 
 
 def test_registered_best_adapter(sweep):
-    name = "sparta-random-llama-tiny-multiemo"
+    name = "sparta-random-llama-tiny-movie-reviews"
     [reg] = sweep["result"].registered
     assert (reg.name, reg.version, reg.method, reg.trial_key) == (name, "1", "cla", "cla-s1")
     best_index = list(FINALS).index(("cla", 1))
@@ -402,7 +402,7 @@ def test_registered_best_adapter(sweep):
 
 
 def test_load_registered_matches_direct(sweep):
-    uri = "models:/sparta-random-llama-tiny-multiemo/1"
+    uri = "models:/sparta-random-llama-tiny-movie-reviews/1"
     model, tok = registry.load_registered(uri, sweep["uri"])
     assert tok is None
     best = Path(sweep["trials"][list(FINALS).index(("cla", 1))]["adapter_dir"])
@@ -429,8 +429,8 @@ def test_adapter_model_config_for_a_classifier(tmp_path):
     cfg = registry.adapter_model_config({"model": "random:gpt2-tiny", "method": "cla", "task": "causal_lm"},
                                         tmp_path / "a")
     assert (cfg["task"], cfg["num_labels"]) == ("causal_lm", None)
-    assert registry.registered_model_name("/data/models/My Model/", "multiemo-binary") == \
-        "sparta-My-Model-multiemo-binary"
+    assert registry.registered_model_name("/data/models/My Model/", "movie-reviews-binary") == \
+        "sparta-My-Model-movie-reviews-binary"
 
 
 # -- the UI ----------------------------------------------------------------------------------------

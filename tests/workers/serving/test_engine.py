@@ -10,6 +10,7 @@ import torch
 from attention import ARTConfig
 from workers.serving.engine import Engine, EngineConfig, Job
 from workers.serving.requests import OFF, RequestError, art_config, kv_config
+from workers.serving.sampling import SamplingParams
 
 TINY = dict(model="random:llama-tiny", tokenizer="smollm2-135m", dtype="float32", device="cpu",
             model_overrides={"vocab_size": 49152, "max_position_embeddings": 512}, max_context=512,
@@ -259,3 +260,26 @@ def test_a_model_art_cannot_drive_decodes_plainly_and_refuses_art_by_name():
     assert e.value.param == "kv.policy"
     with pytest.raises(ValueError, match="ART is not available for GPT2LMHeadModel.*server's default art"):
         Engine(EngineConfig(**cfg, art=ARTConfig.preset("tuned").to_dict()))
+
+
+def test_prefill_reuse_decodes_every_art_setting_from_one_prefill(engine):
+    """An evaluation decoding one prompt batch under many ART settings prefills it once per KV policy; each
+    setting decodes what it would after its own prefill, sampled choices included (the kept logits)."""
+    keep = Engine(EngineConfig(**TINY, prefill_reuse=2))
+    ids = [prompt(engine, 200, seed=s) for s in (31, 32)]
+    eager = art_config({"preset": "aggressive", "tau": 1.0, "phi": 1.0, "patience": 1, "min_blocks": 1,
+                        "block_size": 8, "recent_blocks": 0, "sink_tokens": 0})
+    sampled = SamplingParams(temperature=1.0, seed=7)
+    for art in (OFF, art_config({"preset": "tuned", "block_size": 16}), eager):
+        jobs = lambda: [Job(ids[0], 6, art=art), Job(ids[1], 6, art=art, sampling=sampled)]  # noqa: E731
+        fresh, reused = engine.run(jobs()), keep.run(jobs())
+        assert [d.tokens for d in reused] == [d.tokens for d in fresh]
+        assert [d.art.visited_blocks for d in reused] == [d.art.visited_blocks for d in fresh]
+    assert keep.prefills == {"run": 1, "reused": 2}
+    assert reused[0].prefill_s == 0.0 and fresh[0].prefill_s > 0
+    [snap] = keep.run([Job(ids[0], 4, kv=("snapkv", 0.5))])   # another policy: its own prefill
+    assert keep.prefills == {"run": 2, "reused": 2} and snap.prefill_s > 0
+    keep.run([Job(ids[0], 4, kv=("quest", 0.25))])   # a third: the least recently used (dense) is dropped
+    keep.run([Job(ids[0], 4, art=OFF), Job(ids[1], 4, art=OFF, sampling=sampled)])
+    assert keep.prefills == {"run": 4, "reused": 2} and len(keep.kept_prefills) == 2
+    assert engine.prefills["reused"] == 0   # off by default

@@ -24,7 +24,7 @@ from workers.training.deepspeed_setup import adapter_masters, chain_step, engine
 from workers.training.loop import (TrainConfig, _init_distributed,
                            resolve_framing, train)
 
-BINARY_TRAIN = 4320   # multiemo-binary training split (tests/workers/test_datasets.py)
+BINARY_TRAIN = 8033   # movie-reviews-binary training split (tests/workers/data/test_datasets.py)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,7 +43,7 @@ def process_group():
 
 
 def tiny(**overrides) -> TrainConfig:
-    base = dict(model="random:llama-tiny", dataset="multiemo-binary", method="lora", rank=4, lr=1e-2, steps=4,
+    base = dict(model="random:llama-tiny", dataset="movie-reviews-binary", method="lora", rank=4, lr=1e-2, steps=4,
                 batch_size=4, max_length=128, eval_every=2, eval_examples=8)
     return TrainConfig(**{**base, **overrides})
 
@@ -124,13 +124,13 @@ def test_analysis_gap_at_every_evaluation_and_the_rest_at_the_end(tmp_path):
     model, tok = load_model("random:bert-tiny", task="classification", num_labels=2)
     adapters.load(model, result["adapter_dir"])
     frame = ClassificationFraming(tok or ByteTokenizer(), cfg.max_length)
-    train_fixed = load_task("multiemo-binary").train[:8]
+    train_fixed = load_task("movie-reviews-binary").train[:8]
     assert fixed_loss(model, frame, train_fixed, 4) == pytest.approx(last["train_eval_loss"], rel=1e-5)
 
 
 def test_epochs_set_the_step_count_and_the_last_report(tmp_path):
-    # 0.002 epochs of 4,320 examples at batch 4: ceil(2.16) = 3 steps; eval_every 2 -> reports at 2 and 3.
-    result, reports = run(tiny(steps=None, epochs=0.002, eval_examples=2), tmp_path)
+    # 0.001 epochs of 8,033 examples at batch 4: ceil(2.008) = 3 steps; eval_every 2 -> reports at 2 and 3.
+    result, reports = run(tiny(steps=None, epochs=0.001, eval_examples=2), tmp_path)
     assert [m["step"] for m, _ in reports] == [2, 3] and result["step"] == 3
 
 
@@ -211,8 +211,11 @@ def test_two_workers_equal_one_worker_with_their_joint_batch(tmp_path, stage):
         assert results[0][key] == pytest.approx(one[key], rel=1e-5), key
     assert results[0]["epoch"] == one["epoch"]
     a, b = adapter_tensors(results[0]["adapter_dir"]), adapter_tensors(one["adapter_dir"])
+    # Adam divides by sqrt(v): where an element's gradient is near zero, the ~1e-7 rounding difference of
+    # averaging over two processes becomes up to ~1% of one step (lr 1e-2: 1e-4); seen 2e-5 on one element of
+    # 128 after 4 steps. A wrong reduction would move every element by a whole step, and the losses above.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-2 * two.lr)
     assert (tmp_path / "rank1" / "step-000004" / "rng-rank1.json").is_file()
 
 
@@ -415,7 +418,7 @@ def smollm_tokenizer():
 
 def test_generation_framing_with_a_chat_template(smollm_tokenizer):
     tok = smollm_tokenizer
-    task = load_task("multiemo", max_examples=40)
+    task = load_task("movie-reviews", max_examples=40)
     frame = GenerationFraming(tok, task, max_length=96)
     examples = task.train[:4]
     b = frame.batch(examples)
@@ -426,7 +429,7 @@ def test_generation_framing_with_a_chat_template(smollm_tokenizer):
         start = len(row) - len(labels) + int((labels != -100).nonzero()[0])   # labels: the last positions
         prompt = tok.decode(row[:start])
         assert prompt.endswith("<|im_start|>assistant\n") and "Review:" in prompt
-        assert "negative, neutral, positive, ambivalent" in prompt
+        assert "negative, neutral, positive" in prompt
     p = frame.prompts(examples)
     assert (p["attention_mask"][:, -1] == 1).all()                       # left-padded
     assert frame.parse(tok.encode(" Positive ") + [tok.eos_token_id] + tok.encode("junk")) == 2
@@ -435,7 +438,7 @@ def test_generation_framing_with_a_chat_template(smollm_tokenizer):
 
 def test_generation_framing_plain_pattern_and_truncation():
     tok = ByteTokenizer()
-    task = load_task("multiemo-binary", max_examples=40)
+    task = load_task("movie-reviews-binary", max_examples=40)
     frame = GenerationFraming(tok, task, max_length=128)
     long = max(task.train, key=lambda e: len(e.text))
     b = frame.batch([long])
@@ -452,7 +455,7 @@ def test_generation_framing_plain_pattern_and_truncation():
 def test_left_padded_generation_batch_equals_each_example_alone(arch):
     model, _ = load_model(f"random:{arch}-tiny", task="causal_lm")
     model.eval()
-    frame = GenerationFraming(ByteTokenizer(), load_task("multiemo-binary", max_examples=40), max_length=128)
+    frame = GenerationFraming(ByteTokenizer(), load_task("movie-reviews-binary", max_examples=40), max_length=128)
     examples = [Example("good", 1), Example("bad stuff here, all of it", 0), Example("x", 0)]
     b = frame.batch(examples)
     assert b["labels"].shape[1] == b["logits_to_keep"] == frame.max_new_tokens + 1
@@ -471,13 +474,16 @@ def test_left_padded_generation_batch_equals_each_example_alone(arch):
 
 # -- (5) learning -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_lora_on_minilm_learns_multiemo_binary(tmp_path):
-    cfg = TrainConfig(model="minilm-l6", dataset="multiemo-binary", method="lora", rank=8, lr=1e-3, steps=50,
+def test_lora_on_minilm_learns_movie_reviews_binary(tmp_path):
+    cfg = TrainConfig(model="minilm-l6", dataset="movie-reviews-binary", method="lora", rank=8, lr=1e-3, steps=50,
                       batch_size=16, max_length=64, eval_examples=200, eval_at_start=True)
     result, _ = run(cfg, tmp_path)
     before, after = result["initial"]["val_accuracy"], result["val_accuracy"]
     print(f"val accuracy {before:.3f} -> {after:.3f} in {result['wall_s']:.0f} s")
-    assert after >= before + 0.10 and after >= 0.75
+    task = load_task("movie-reviews-binary")
+    shown = task.validation[:200]
+    majority = max(sum(e.label == c for e in shown) for c in (0, 1)) / len(shown)
+    assert after >= before + 0.10 and after >= majority + 0.15
 
 
 # -- (5) the user's own table ---------------------------------------------------------------------
