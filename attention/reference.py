@@ -157,13 +157,49 @@ def row_valid(t: int, begins: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     return (pos >= begins[:, None]) & (pos < ends[:, None])
 
 
-def rows_summaries(k, v, cfg: ARTConfig, rows, begins, ends, n_valid):
-    """The ball summaries a `decode_rows` batch needs for `cfg`, from the rows' keys and values (b rows
-    gathered, never the pool): ((key centers, key radii) or None, (value mean, value spread) or None), as
-    `block_balls` and `value_spread` give them per row over positions [begins, ends); n_valid (b, nb)."""
-    valid = row_valid(k.shape[2], begins, ends)
-    balls = block_balls(k[rows], valid, cfg.block_size) if cfg.uses_ball else None
-    values = value_spread(v[rows], valid, cfg.block_size, n_valid) if cfg.uses_values else None
+def rows_balls(x, rows, begins, ends, block_size: int, nb: int, kept=None):
+    """(centres (b, h, nb, d), radii (b, h, nb)) fp32: what `block_balls` gives for each batch entry's pool
+    row rows[i] of x over positions [begins[i], ends[i]), without a host synchronisation.
+
+    kept: None (the b rows are gathered and summarised whole) or the pool's balls of complete blocks,
+    (centres (S, h, >= T // block_size, d), radii (S, h, >= T // block_size)), each made by `block_balls`
+    from that block's own vectors: blocks wholly inside [begins, ends) come from them, and only each row's
+    first and last block (which the window's start or the newest position may cut) are read from x."""
+    t = x.shape[2]
+    if kept is None:
+        return block_balls(x[rows], row_valid(t, begins, ends), block_size)
+    b, h, d, dev = rows.shape[0], x.shape[1], x.shape[3], x.device
+    blk = torch.arange(nb, device=dev)
+    edges = torch.stack([begins // block_size, (ends - 1) // block_size], 1)           # (b, 2)
+    pos = edges[:, :, None] * block_size + torch.arange(block_size, device=dev)        # (b, 2, bs)
+    live = (pos >= begins[:, None, None]) & (pos < ends[:, None, None])
+    vecs = x[rows[:, None, None], :, pos.clamp(max=t - 1)]                             # (b, 2, bs, h, d)
+    e_center, e_radius = block_balls(vecs.permute(0, 1, 3, 2, 4).reshape(2 * b, h, block_size, d),
+                                     live.reshape(2 * b, block_size), block_size)
+    e_center, e_radius = e_center.view(b, 2, h, d), e_radius.view(b, 2, h)
+    inside = ((blk * block_size >= begins[:, None]) & ((blk + 1) * block_size <= ends[:, None]))[:, None, :]
+    first, last = (blk[None, :] == edges[:, :1])[:, None, :], (blk[None, :] == edges[:, 1:])[:, None, :]
+    out = []
+    for kept_x, edge in ((kept[0], e_center), (kept[1], e_radius)):
+        have = kept_x[rows][:, :, :nb].float()                      # only the batch's rows are gathered
+        have = F.pad(have, (0, 0, 0, nb - have.shape[2]) if have.dim() == 4 else (0, nb - have.shape[2]))
+        wide = (lambda m: m[..., None]) if have.dim() == 4 else (lambda m: m)
+        got = torch.where(wide(inside), have, torch.zeros((), device=dev))
+        got = torch.where(wide(first), edge[:, 0, :, None], got)
+        out.append(torch.where(wide(last), edge[:, 1, :, None], got))
+    return out[0], out[1]
+
+
+def rows_summaries(k, v, cfg: ARTConfig, rows, begins, ends, n_valid, kept=None):
+    """The ball summaries a `decode_rows` batch needs for `cfg` (b rows gathered, never the pool):
+    ((key centers, key radii) or None, (value mean, value spread) or None), as `block_balls` and
+    `value_spread` give them per row over positions [begins, ends); n_valid (b, nb). kept: None or the
+    pool's balls of complete blocks (key centres, key radii, value centres, value radii; see `rows_balls`)."""
+    nb = n_valid.shape[1]
+    balls = rows_balls(k, rows, begins, ends, cfg.block_size, nb, kept[:2] if kept else None) \
+        if cfg.uses_ball else None
+    values = value_spread_from_balls(*rows_balls(v, rows, begins, ends, cfg.block_size, nb,
+                                                 kept[2:] if kept else None), n_valid) if cfg.uses_values else None
     return balls, values
 
 
@@ -395,7 +431,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ART
 # ---- decode over rows of a KV pool (the serving engine's layout) ----------------------------------------
 
 def check_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
-               quest_ratio: float = 0.0) -> tuple[int, int, int, int, int]:
+               quest_ratio: float = 0.0, balls=None) -> tuple[int, int, int, int, int]:
     """Shapes and types of a `decode_rows` call, never its values (on CUDA reading them would make the
     host wait for the device). Returns (b, q_heads, kv_heads, T, d)."""
     if q.dim() != 3:
@@ -426,6 +462,18 @@ def check_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_
                 raise ValueError(f"key_bounds must be ({k.shape[0]}, {hkv}, >= {need}, {d}), got {tuple(x.shape)}")
             if x.device != k.device:
                 raise ValueError(f"key_bounds must be on k's device ({k.device}), got {x.device}")
+    if balls is not None:
+        need = t // cfg.block_size
+        if len(balls) != 4:
+            raise ValueError("balls must be (key centres, key radii, value centres, value radii)")
+        for i, x in enumerate(balls):
+            want = 4 if i % 2 == 0 else 3
+            if x.dim() != want or x.shape[0] < k.shape[0] or x.shape[1] != hkv or x.shape[2] < need \
+                    or (want == 4 and x.shape[3] != d):
+                shape = f"({k.shape[0]}, {hkv}, >= {need}" + (f", {d})" if want == 4 else ")")
+                raise ValueError(f"balls[{i}] must be {shape}, got {tuple(x.shape)}")
+            if x.device != k.device:
+                raise ValueError(f"balls must be on k's device ({k.device}), got {x.device}")
     return b, hq, hkv, t, d
 
 
@@ -467,13 +515,13 @@ def row_key_bounds(k_row: torch.Tensor, valid_row: torch.Tensor, kept, pool_row:
 
 
 def decode_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
-                quest_ratio: float = 0.0, scale: float | None = None
+                quest_ratio: float = 0.0, scale: float | None = None, balls=None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The oracle of `attention.kernels.dispatch.decode_rows` (see there): one `decode_attention` call
     per batch entry over its own pool row, positions [starts[i], lengths[i]), with that row's Quest
     budget. Slow and synchronising by design. Returns (out (b, hq, d), visited (b,), candidates (b,))."""
     b, hq, hkv, t, d = check_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows,
-                                  key_bounds=key_bounds, quest_ratio=quest_ratio)
+                                  key_bounds=key_bounds, quest_ratio=quest_ratio, balls=balls)
     check_row_values(k.shape[0], t, lengths, starts, rows)
     ends = torch.as_tensor(lengths).tolist()
     begins = torch.as_tensor(starts).tolist() if starts is not None else [0] * b
@@ -487,8 +535,11 @@ def decode_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key
         bounds = None
         if key_bounds is not None and (cfg.uses_bounds or budget is not None):
             bounds = row_key_bounds(k_row, valid, key_bounds, r, bs)
+        kept = None
+        if balls is not None and (cfg.uses_ball or cfg.uses_values):   # the row's complete blocks
+            kept = tuple(x[r: r + 1, :, : end // bs] for x in balls)
         out, stats = decode_attention(q[i: i + 1, :, None], k_row, v_row, cfg, key_padding_mask=valid, scale=scale,
-                                      key_bounds=bounds, block_budget=budget)
+                                      key_bounds=bounds, block_budget=budget, balls=kept)
         outs.append(out.view(hq, d))
         visited.append(stats.visited_blocks.sum())
         candidates.append(stats.candidate_blocks.sum())

@@ -26,7 +26,7 @@ from pydantic.fields import FieldInfo
 
 from pipelines import PROJECT_ROOT
 from pipelines.serving.spec import ServeSpec
-from pipelines.sweeps.spec import SweepSpec
+from pipelines.sweeps.spec import OBJECTIVE_METRICS, SweepSpec
 from pipelines.tables import markdown
 
 SWEEP_FIELDS = {
@@ -56,8 +56,14 @@ SWEEP_FIELDS = {
                              "(scalar, list or `choice`)",
     "search.lora_plus_ratio": "lr(B) / lr(A) of `lora_plus`: numbers > 0",
     "search.weight_decay": "AdamW weight decay of the head and of `full` (adapter factors never decay): numbers >= 0",
-    "search.num_samples": "draws of the sampled parameters per grid point; > 1 needs at least one sampled parameter",
-    "search.seed": "seeds the sampling: grid point i draws from `random.Random(\"sparta-search:<seed>:<i>\")`",
+    "search.algorithm": "`grid`: lists expanded whole, sampled values drawn per grid point; `random`: lists are "
+                        "choices too, `num_samples` draws per model x dataset x method x seed; `optuna`: Optuna's "
+                        "TPE picks `num_samples` trials per model x dataset x method x seed from the results so far "
+                        "(the `objectives`)",
+    "search.num_samples": "grid: draws of the sampled parameters per grid point (> 1 needs a sampled parameter); "
+                          "random, optuna: trials per model x dataset x method x seed",
+    "search.seed": "seeds the sampling: grid point i draws from `random.Random(\"sparta-search:<seed>:<i>\")`; "
+                   "random from `...:<seed>:random`; optuna's TPE sampler",
     "search.by_method": "per-method values over the shared ones, e.g. `{full: {lr: 5e-5}, lora_plus: {lr: 2e-4}}`: "
                         "each a scalar, a grid or a sampling spec, as above; only methods of this sweep",
     "train": "the training loop's settings",
@@ -83,7 +89,8 @@ SWEEP_FIELDS = {
     "resources": "what one trial reserves on Ray",
     "resources.workers_per_trial": "Ray Train workers, i.e. DeepSpeed ranks, per trial",
     "resources.gpus_per_worker": "GPUs per worker (fractions allowed)",
-    "resources.cpus_per_worker": "CPUs per worker; Ray Train sets the worker's `OMP_NUM_THREADS` to it",
+    "resources.cpus_per_worker": "CPUs per worker; the worker trains with that many torch threads, rounded (at "
+                                 "least 1: 1.9 gives 2, where Ray's `OMP_NUM_THREADS` would give 1)",
     "scheduler": "Tune's trial scheduler",
     "scheduler.type": "`fifo`: every trial runs to the end; `asha`: early stopping (needs `train.eval_every`)",
     "scheduler.metric": "asha only: the reported metric it compares trials on",
@@ -93,6 +100,11 @@ SWEEP_FIELDS = {
     "scheduler.max_t": "asha only: evaluations of a full trial; `null`: ceil(steps / eval_every) (training by "
                        "`epochs` needs it set)",
     "max_concurrent": "trials running at once",
+    "objectives": "what `search.algorithm: optuna` optimises, e.g. `[{metric: val_accuracy, mode: max}, {metric: "
+                  "peak_mem_mib, mode: min}]` (two or more: multi-objective), and the summary's Pareto front "
+                  "(`summary/pareto.csv`, `.md`, `.png`); `null`: the scheduler's metric and mode, no front",
+    "objectives[].metric": "a metric every trial reports: " + ", ".join(f"`{m}`" for m in OBJECTIVE_METRICS),
+    "objectives[].mode": "`max` or `min`",
     "max_failures": "retries of a failed trial before it counts as failed (Ray Train's `FailureConfig`)",
     "analysis": "the Beyond-LoRA analyses of every trial, on its worker (docs/analysis.md): `gap` (test minus "
                 "train loss, both in eval mode, at every evaluation), `bounds`, `spectrum`, `intruders`, "

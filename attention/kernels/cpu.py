@@ -142,8 +142,9 @@ def _summaries(k, v, cfg: ARTConfig, valid: torch.Tensor | None, rows=None, begi
 
     valid: (b, T) bool, or None: every position (batch form). rows/begins/ends: the pool form, batch entry
     i reading pool row rows[i] (None: i) over positions [begins[i], ends[i]).
-    balls: the batch form only, None or kept (key centres, key radii, value centres, value radii) of the
-    first complete blocks (see `attention.reference.complete_balls`): only the other blocks are summarised."""
+    balls: None or kept (key centres, key radii, value centres, value radii): in the batch form, of the
+    first complete blocks (see `attention.reference.complete_balls`); in the pool form, the pool's, of every
+    complete block of each pool row (see `attention.reference.rows_balls`). Only the rest is summarised."""
     kc = kr = vmean = vspread = skip_log = None
     if not cfg.active or not (cfg.uses_ball or cfg.uses_values or cfg.mode == "skip"):
         return kc, kr, vmean, vspread, skip_log
@@ -159,7 +160,7 @@ def _summaries(k, v, cfg: ARTConfig, valid: torch.Tensor | None, rows=None, begi
         n_valid = F.pad(valid, (0, nb * bs - valid.shape[-1])).view(valid.shape[0], nb, bs).sum(-1)
         if ends is not None:
             picked = rows.long() if rows is not None else torch.arange(ends.shape[0])
-            balls, values = rows_summaries(k, v, cfg, picked, begins, ends, n_valid)
+            balls, values = rows_summaries(k, v, cfg, picked, begins, ends, n_valid, kept=balls)
         else:
             kept = balls
             balls = complete_balls(k, valid, bs, kept[:2] if kept else None) if cfg.uses_ball else None
@@ -284,13 +285,13 @@ def _row_ints(x: torch.Tensor | None, b: int, name: str) -> torch.Tensor | None:
 
 
 def decode_rows_cpu(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
-                    quest_ratio: float = 0.0, scale: float | None = None
+                    quest_ratio: float = 0.0, scale: float | None = None, balls=None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`attention.kernels.dispatch.decode_rows` with the CPU kernel (see there for the arguments): each
     batch entry reads its pool row in place through the strides of k and v (no copy of the pool), so the
     work is per batch entry, never per pool row. Returns (out (b, hq, d), visited (b,), candidates (b,))."""
     b, hq, hkv, t, d = check_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds,
-                                  quest_ratio=quest_ratio)
+                                  quest_ratio=quest_ratio, balls=balls)
     if q.device.type != "cpu":
         raise ValueError(f"the CPU ART kernel runs on CPU tensors, got {q.device}")
     lengths, starts, rows = (_row_ints(x, b, name) for x, name in ((lengths, "lengths"), (starts, "starts"),
@@ -304,7 +305,7 @@ def decode_rows_cpu(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None,
         kmin, kmax = _kernel_bounds(key_bounds)
     p = _params(q, k, v, cfg, scale, MODE_CODES[cfg.mode] if cfg.active else 0, kmin, ROWS_DONE,
                 quest_ratio=quest_ratio)
-    summaries = _summaries(k, v, cfg, None, rows=rows, begins=starts, ends=lengths)
+    summaries = _summaries(k, v, cfg, None, rows=rows, begins=starts, ends=lengths, balls=balls)
     out = torch.empty(b, hq, d, dtype=q.dtype)
     ints = torch.empty(3, b * hkv, dtype=torch.int32)
     totals = torch.empty(2, dtype=torch.int64)

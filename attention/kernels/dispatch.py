@@ -88,7 +88,7 @@ def decode_attention(q, k, v, cfg, block_scores=None, *, impl: str = "auto", **k
 
 
 def decode_rows(q, k, v, cfg, *, lengths, starts=None, rows=None, key_bounds=None, quest_ratio: float = 0.0,
-                scale: float | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                scale: float | None = None, impl: str = "auto", balls=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode attention for a batch of rows of a preallocated KV pool, one query per row: the serving
     engine's call, once per layer and step.
 
@@ -98,7 +98,11 @@ def decode_rows(q, k, v, cfg, *, lengths, starts=None, rows=None, key_bounds=Non
     they begin (sliding windows; None: 0). key_bounds: None or the pool's (kmin, kmax) fp32
     (S, kv_heads, >= T // block_size, d) summaries of every *complete* block of each row (the partial newest
     block is summarised from k); without them, bounds are computed from k where needed. quest_ratio > 0:
-    the Quest policy, each row keeping max(1, ceil((1 - ratio) * its candidate blocks)) blocks. cfg
+    the Quest policy, each row keeping max(1, ceil((1 - ratio) * its candidate blocks)) blocks. balls: None
+    or the pool's (key centres, key radii, value centres, value radii) fp32 of every complete block,
+    (S, kv_heads, >= T // block_size, d) and (S, kv_heads, >= T // block_size), as
+    `attention.reference.block_balls` makes them per block, for box+ball bounds and the value-aware
+    certificate (only each row's first and last block are then summarised from k and v). cfg
     inactive: every candidate block is walked (ART-off rows of a mixed batch).
 
     Row i gives what `attention.reference.decode_attention` gives for q[i], pool row rows[i] sliced to
@@ -112,7 +116,7 @@ def decode_rows(q, k, v, cfg, *, lengths, starts=None, rows=None, key_bounds=Non
     """
     name = resolve(impl, q.device, cfg.block_size, cfg)
     kwargs = dict(lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds, quest_ratio=quest_ratio,
-                  scale=scale)
+                  scale=scale, balls=balls)
     if name == "cpu":
         from attention.kernels.cpu import decode_rows_cpu
 

@@ -433,11 +433,11 @@ def rows_key_bounds(k, rows, starts, ends, block_size: int, nb: int, key_bounds=
 
 
 def plan_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
-              quest_ratio: float = 0.0, scale: float | None = None) -> RowsPlan:
+              quest_ratio: float = 0.0, scale: float | None = None, balls=None) -> RowsPlan:
     """The reference's planning (`plan_walk`, per row) for a whole `decode_rows` batch at once, on q's
     device with no host synchronisation: no value is read back, no branch depends on one."""
     b, hq, hkv, t, d = check_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds,
-                                  quest_ratio=quest_ratio)
+                                  quest_ratio=quest_ratio, balls=balls)
     dev, bs, g = q.device, cfg.block_size, hq // hkv
     nb = -(-t // bs)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -450,9 +450,10 @@ def plan_rows(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_b
     qs = q.float().reshape(b, hkv, g, d) * scale
     ub = score = None
     gather = pool_rows if pool_rows is not None else torch.arange(b, device=dev)
-    # key balls (box+ball) and value spreads (value-aware certificate) from the batch's rows, never the pool
-    balls, values = (rows_summaries(k, v, cfg, gather, begins, ends, n_valid) if cfg.uses_ball or cfg.uses_values
-                     else (None, None))
+    # key balls (box+ball) and value spreads (value-aware certificate): the pool's kept ones where given,
+    # the rest from the batch's rows, never the whole pool
+    balls, values = (rows_summaries(k, v, cfg, gather, begins, ends, n_valid, kept=balls)
+                     if cfg.uses_ball or cfg.uses_values else (None, None))
     if cfg.uses_bounds or quest_ratio > 0:   # bound order, certified mode, Quest: all rank by the bound
         kmin, kmax = rows_key_bounds(k, gather, begins, ends, bs, nb, key_bounds)
         ub = upper_bounds(qs, kmin, kmax)
@@ -496,12 +497,12 @@ def finish_rows(launch: _Launch, q) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def decode_rows_triton(q, k, v, cfg: ARTConfig, *, lengths, starts=None, rows=None, key_bounds=None,
-                       quest_ratio: float = 0.0, scale: float | None = None, max_chunk: int | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       quest_ratio: float = 0.0, scale: float | None = None, max_chunk: int | None = None,
+                       balls=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`attention.kernels.dispatch.decode_rows` with the Triton kernel (see there): no host
     synchronisation; the statistics stay on the device. max_chunk: positions loaded at once (tests)."""
     _need_triton()
     launch = prepare_rows(q, k, v, cfg, lengths=lengths, starts=starts, rows=rows, key_bounds=key_bounds,
-                          quest_ratio=quest_ratio, scale=scale, max_chunk=max_chunk)
+                          quest_ratio=quest_ratio, scale=scale, max_chunk=max_chunk, balls=balls)
     launch.run()
     return finish_rows(launch, q)

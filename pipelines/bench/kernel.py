@@ -9,7 +9,10 @@ real model). Rows, timed round-robin so drift hits them alike:
 - `sdpa`: torch's scaled_dot_product_attention (GQA), what a user runs without sparta;
 - `walk-all`: our kernel (`decode_rows`, Triton on CUDA, C on CPU) with termination off, every block
   visited: the kernel's own speed, and the cost of ART's checks when compared with a preset's row;
-- one row per ART preset: the same kernel stopping early.
+- one row per ART preset: the same kernel stopping early. Settings that rank or certify by per-block
+  summaries (key min/max, key and value balls) read them as the serving engine's KV pool keeps them
+  (`--summaries kept`, made once before timing) or make them in every call (`per-call`, as with a cache
+  that keeps none); asking for both gives each preset a row of each.
 Each row's error is ||o - o_exact|| / ||o_exact|| (worst row and head) against fp32 attention.
 """
 from __future__ import annotations
@@ -28,12 +31,14 @@ import torch.nn.functional as F
 from attention import ARTConfig
 from attention.config import parse_art
 from attention.kernels.dispatch import decode_rows, resolve
+from attention.reference import block_balls, block_key_bounds
 from pipelines.bench.common import ConfigError, Verdict, fmt
 from workers.hardware import cpu_name, resolve_device
 
 SDPA, WALK_ALL = "sdpa", "walk-all"
 TARGET_VS_WALK_ALL = 1.10   # what skipping must gain over walking every block to count as paying
 SHAPES = {"smollm2-135m": (9, 3, 64), "gemma3-270m": (4, 1, 256), "llama3-8b": (32, 8, 128)}
+SUMMARIES = ("kept", "per-call")
 
 
 @dataclass
@@ -49,6 +54,7 @@ class KernelBenchConfig:
     sink_nats: float = 10.0
     recent_nats: float = 4.0
     seed: int = 0
+    summaries: tuple[str, ...] = ("kept",)
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -62,6 +68,9 @@ class KernelBenchConfig:
         for name in ("contexts", "batches"):
             if not getattr(self, name) or min(getattr(self, name)) < 1:
                 raise ConfigError(name, "needs positive integers")
+        if not self.summaries or any(x not in SUMMARIES for x in self.summaries):
+            bad = next(x for x in self.summaries if x not in SUMMARIES) if self.summaries else ""
+            raise ConfigError("summaries", f"unknown {bad!r}; valid: {', '.join(SUMMARIES)}")
         if self.rounds < 1 or self.reps < 1:
             raise ConfigError("rounds" if self.rounds < 1 else "reps", "must be >= 1")
         for label in self.art:
@@ -130,6 +139,18 @@ def rel_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     return float(((out.float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-30)).max())
 
 
+def kept_summaries(k, v, art: ARTConfig) -> dict:
+    """`decode_rows` keyword arguments holding the per-block summaries `art` reads, made once from the whole
+    cache as the serving engine's KV pool keeps them (every block summarised from its own positions)."""
+    every = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    out = {}
+    if art.uses_bounds:
+        out["key_bounds"] = tuple(x.contiguous() for x in block_key_bounds(k, every, art.block_size))
+    if art.uses_ball or art.uses_values:
+        out["balls"] = tuple(x.contiguous() for kv in (k, v) for x in block_balls(kv, every, art.block_size))
+    return out
+
+
 def run_cell(cfg: KernelBenchConfig, context: int, batch: int, device: str) -> list[KernelRow]:
     dtype = getattr(torch, cfg.dtype)
     q, k, v = synthetic_batch(batch, context, cfg.shape, dtype, device, cfg.seed + context + batch,
@@ -137,8 +158,12 @@ def run_cell(cfg: KernelBenchConfig, context: int, batch: int, device: str) -> l
     lengths = torch.full((batch,), context, dtype=torch.long, device=device)
     exact = sdpa(q.float(), k.float(), v.float())
     rows: dict[str, Callable[[], tuple]] = {SDPA: lambda: (sdpa(q, k, v), None, None)}
-    for label, art in [(WALK_ALL, ARTConfig(mode="off"))] + cfg.art_configs():
-        rows[label] = (lambda art=art: decode_rows(q, k, v, art, lengths=lengths))
+    rows[WALK_ALL] = lambda: decode_rows(q, k, v, ARTConfig(mode="off"), lengths=lengths)
+    for label, art in cfg.art_configs():
+        for how in cfg.summaries:
+            name = label if len(cfg.summaries) == 1 else f"{label} [{how}]"
+            kept = kept_summaries(k, v, art) if how == "kept" else {}
+            rows[name] = (lambda art=art, kept=kept: decode_rows(q, k, v, art, lengths=lengths, **kept))
     outputs = {name: fn() for name, fn in rows.items()}   # also the warm-up (Triton compiles here)
     samples: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(cfg.rounds):

@@ -117,7 +117,8 @@ def markdown(r: dict) -> str:
     metric = next(k for k in d if k.startswith("test_"))
     rows = [[f"direct (`workers.training.loop.train`, {d['threads']} threads)", f"{d['process_s']:.1f}",
              f"{d['loop_s']:.1f}", f"{d['process_s'] - d['loop_s']:.1f}", f"{d[metric]:.4f}"],
-            [f"one-trial sweep (Ray Tune + Train, {y['cpus_per_worker']:g} CPU per worker)", f"{y['process_s']:.1f}",
+            [f"one-trial sweep (Ray Tune + Train, {y['cpus_per_worker']:g} CPU per worker, "
+             f"{max(1, round(y['cpus_per_worker']))} threads)", f"{y['process_s']:.1f}",
              f"{y['loop_s']:.1f}", f"{q['outside_loop_s']:.1f}", f"{y[metric]:.4f}"],
             ["ratio (sweep / direct)", f"{q['total']:.2f}x", f"{q['loop']:.2f}x", "", ""]]
     table = pd.DataFrame(rows, columns=["run", "wall s", "loop s", "outside the loop s", metric])

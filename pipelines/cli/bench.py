@@ -317,6 +317,8 @@ def bench_kernel(
     reps: int = typer.Option(10, help="timed calls per row and round"),
     sink_nats: float = typer.Option(10.0, help="how far above the background the sinks' scores sit"),
     recent_nats: float = typer.Option(4.0, help="how far above the background the 8 newest positions' scores sit"),
+    summaries: str = typer.Option("kept", help="comma list: kept (per-block summaries made once, as the serving "
+                                  "KV pool keeps them) and/or per-call (made in every call)"),
     out: Path = typer.Option(Path("bench-results"), help="folder for kernel-<device>.csv/.md/.json"),
 ) -> None:
     """Decode attention alone: torch SDPA vs our kernel walking every block vs ART presets, on CPU or GPU."""
@@ -326,7 +328,7 @@ def bench_kernel(
     try:
         cfg = bk.KernelBenchConfig(shape=shape, contexts=ints(contexts, "--contexts"), batches=ints(batch, "--batch"),
                                    art=names(art), device=device, dtype=dtype, rounds=rounds, reps=reps,
-                                   sink_nats=sink_nats, recent_nats=recent_nats)
+                                   sink_nats=sink_nats, recent_nats=recent_nats, summaries=names(summaries))
     except bk.ConfigError as e:
         hint = "--batch" if e.field == "batches" else "--" + e.field.replace("_", "-")
         raise typer.BadParameter(e.message, param_hint=hint) from None

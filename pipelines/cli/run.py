@@ -58,9 +58,9 @@ def run(console, sweep_spec: Path = SWEEP, serve_spec: Path = SERVE, tracking_ur
     sv.check_port_free(template.host, template.port)
     timings, metrics_runs = {}, []
     try:
-        console.rule(f"1/3 sweep {sweep.experiment!r}: {len(sweep.trials())} trials")
+        console.rule(f"1/3 sweep {sweep.experiment!r}: {sweep.n_trials} trials")
         console.print(f"dtype auto here: {why(resolve_device())} (training precision and serving dtype)")
-        progress = SweepProgress(len(sweep.trials()), console)
+        progress = SweepProgress(sweep.n_trials, console)
         with progress.live:
             outcome = run_sweep(sweep, sweep_spec, tracking_uri=tracking_uri, storage_root=storage,
                                 on_progress=progress)

@@ -75,15 +75,24 @@ def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> N
 
         console.print(f"train.precision auto: {why(resolve_device())} (each worker decides for its own device; "
                       "the trial's MLflow run is tagged sparta.precision)")
-    progress = SweepProgress(len(parsed.trials()), console)
+    progress = SweepProgress(parsed.n_trials, console)
     with progress.live:
         outcome = run_sweep(parsed, spec_path, tracking_uri=tracking_uri, storage_root=storage, resume=resume,
                             on_progress=progress)
     console.print()
     console.print(render(outcome.summary, "table"))
+    if outcome.pareto is not None and len(outcome.pareto):
+        from pipelines import tables
+
+        names = ", ".join(f"{o.metric} ({o.mode})" for o in parsed.objectives)
+        console.print(tables.rich_table(outcome.pareto, f"Pareto front over {names}: "
+                                        f"{int(outcome.pareto['pareto'].sum())} of {len(outcome.pareto)} trials",
+                                        left={"trial_key", "method"}))
     for reg in outcome.registered:
-        console.print(f"registered {reg.uri} ({reg.method}, {reg.trial_key})")
-    total = len(parsed.trials())
+        alias = f"now {reg.champion_uri}" if reg.champion else \
+            f"{reg.champion_uri} stays version {reg.previous_champion}"
+        console.print(f"registered {reg.uri} ({reg.method}, {reg.trial_key}); {alias}", markup=False)
+    total = parsed.n_trials
     ended = sum(r.status not in UNENDED for r in outcome.records.values())
     if ended < total:   # Ctrl-C: Tune saved its state (trials not started have no record); the run ended KILLED
         console.print(f"[yellow]sweep {outcome.experiment!r} interrupted after {outcome.wall_s:.0f} s with "
@@ -136,15 +145,32 @@ def stop(job_id: str, address: str = typer.Option(..., "--address")) -> None:
 @app.command("results")
 def results(experiment: str, fmt: str = typer.Option("table", "--format", help="table, csv or markdown"),
             tracking_uri: Optional[str] = TRACKING) -> None:
-    """The comparison table of a sweep (mean +- std over seeds per model x dataset x method)."""
+    """The comparison table of a sweep (mean +- std over seeds per model x dataset x method), and which
+    registered version holds the `champion` alias of each model the sweep registered."""
     from pipelines.sweeps.summary import render
-    from pipelines.sweeps.tracking import results_table
+    from pipelines.sweeps.tracking import latest_sweep_run_id, results_table, sweep_champions
 
     if fmt not in ("table", "csv", "markdown"):
         raise typer.BadParameter("valid: table, csv, markdown", param_hint="--format")
     try:
-        df = results_table(experiment, tracking_uri)
+        parent = latest_sweep_run_id(experiment, tracking_uri)   # one sweep for the table and the champions
+        df = results_table(experiment, tracking_uri, parent)
+        champions = sweep_champions(experiment, tracking_uri, parent)
     except ValueError as e:
         typer.secho(str(e), fg="red", err=True)
         raise typer.Exit(2) from None
     typer.echo(render(df, fmt))
+    if fmt != "csv":   # CSV stays one table for the programs that read it
+        for mv in champions:
+            typer.echo(_champion_line(mv, parent))
+
+
+def _champion_line(mv, parent_run_id: str) -> str:
+    """models:/NAME@champion -> version N (method, trial, val metric; this sweep or another)."""
+    from pipelines.sweeps.registry import champion_uri
+
+    tags = mv.tags
+    metric = tags.get("metric", "metric")
+    origin = "this sweep" if mv.run_id == parent_run_id else f"sweep run {mv.run_id}"
+    return (f"{champion_uri(mv.name)} -> version {mv.version} ({tags.get('method', '?')}, "
+            f"{tags.get('trial_key', '?')}, val {metric} {tags.get(f'val_{metric}', '?')}; {origin})")

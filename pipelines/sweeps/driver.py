@@ -33,19 +33,28 @@ def run_trial(config: dict) -> None:
 
     res = config["resources"]
     gpus = res.get("gpus_per_worker", 0)
+    cpus = res.get("cpus_per_worker", 1)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config["train"],
+        train_loop_config=worker_config(config),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.get("workers_per_trial", 1), use_gpu=gpus > 0,
-            resources_per_worker={"CPU": res.get("cpus_per_worker", 1), **({"GPU": gpus} if gpus else {})}),
+            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
         run_config=ray.train.RunConfig(
             name=config["run_name"], storage_path=config["storage_path"],
             failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 1)),
             callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
+
+
+def worker_config(config: dict) -> dict:
+    """What each Ray Train worker of a trial gets: its training config, and torch threads matching its CPU
+    reservation (rounded: Ray's OMP_NUM_THREADS floors it, so 1.9 CPUs would train on one thread)."""
+    from workers.training.trial import THREADS_KEY
+
+    return {**config["train"], THREADS_KEY: max(1, round(config["resources"].get("cpus_per_worker", 1)))}
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -99,23 +108,6 @@ def _adapter_dir(checkpoint: str | None) -> Path | None:
     return None
 
 
-def param_space(spec, storage: Path) -> dict:
-    """One grid entry per trial of the spec: its params (for MLflow), its training config, resources."""
-    from ray import tune
-
-    trials = []
-    resources = {f"resources.{k}": v for k, v in spec.resources.model_dump().items()}
-    for trial in spec.trials():
-        train = spec.trial_config(trial)
-        # the child run's params: the trial's own values, then the shared training settings and resources
-        params = {**trial, **{f"train.{k}": v for k, v in train.items() if k not in trial}, **resources}
-        trials.append({"params": params, "train": train,
-                       "run_name": "trial-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in trial["trial_key"]),
-                       "storage_path": str(storage / "trials"), "resources": spec.resources.model_dump(),
-                       "max_failures": spec.max_failures})
-    return {"trial": tune.grid_search(trials)}
-
-
 def _flatten(config: dict) -> dict:
     return config["trial"] if "trial" in config else config
 
@@ -126,7 +118,9 @@ def _trainable():
     return tune.with_resources(lambda config: run_trial(_flatten(config)), {"cpu": DRIVER_CPU})
 
 
-def tune_config(spec):
+def tune_config(spec, **search):
+    """Tune's settings: the spec's scheduler and concurrency, and `search` (search_alg, num_samples) from
+    `pipelines.sweeps.search.tune_search`."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -139,7 +133,7 @@ def tune_config(spec):
                                   time_attr="training_iteration")
     else:
         scheduler = FIFOScheduler()
-    return tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=spec.max_concurrent)
+    return tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=spec.max_concurrent, **search)
 
 
 # Callbacks are pickled with Tune's experiment state, so they carry only a key into this registry of the
@@ -216,6 +210,7 @@ class SweepOutcome:
     summary: object                  # pandas DataFrame (pipelines.sweeps.summary.summary_table)
     registered: list
     wall_s: float
+    pareto: object = None             # pandas DataFrame (pipelines.sweeps.pareto.pareto_table) with objectives
 
 
 def sweep_storage(experiment: str, root: str | os.PathLike | None = None) -> Path:
@@ -232,6 +227,7 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
     `_fault`: test-only fault injection passed to the trials' workers."""
     from ray import tune
 
+    from pipelines.sweeps.search import tune_search
     from pipelines.sweeps.tracking import SweepTracker
 
     t0 = time.time()
@@ -271,17 +267,14 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
             tuner = tune.Tuner.restore(str(storage / "tune"), trainable=_trainable(), resume_unfinished=True,
                                        resume_errored=True)
         else:
-            space = param_space(spec, storage)
-            if _fault:
-                for trial in space["trial"]["grid_search"]:
-                    trial["train"].update(_fault)
-            tuner = tune.Tuner(_trainable(), param_space=space, tune_config=tune_config(spec),
+            space, search = tune_search(spec, storage, _fault)
+            tuner = tune.Tuner(_trainable(), param_space=space, tune_config=tune_config(spec, **search),
                                run_config=tune.RunConfig(name="tune", storage_path=str(storage), verbose=0,
                                                          callbacks=[callback]))
         tuner.fit()
         trials = [{"params": r.params, "history": r.history, "final": r.final, "status": r.status,
                    "run_id": r.run_id} for r in records.values()]
-        result = tracker.finish(trials)
+        result = tracker.finish(trials, objectives=[(o.metric, o.mode) for o in spec.objectives or []])
     _DRIVERS.pop(key, None)
     return SweepOutcome(spec.experiment, tracker.parent_run_id, storage, records, result.summary,
-                        result.registered, time.time() - t0)
+                        result.registered, time.time() - t0, result.pareto)

@@ -2,7 +2,10 @@
 ("models from code": base model + adapter folder) and registered, and loading it back offline.
 
     registered = register_best(client, tracking_uri, parent_run_id, trials, summary_df)
-    model, tok = load_registered("models:/sparta-smollm2-135m-movie-reviews/1")
+    model, tok = load_registered("models:/sparta-smollm2-135m-movie-reviews@champion")
+
+Each registered model's alias `champion` names its best version over all sweeps: a new version takes it only
+if its val metric strictly beats the champion's (ties keep the champion).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import contextlib
 import importlib.metadata
 import io
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_ARTIFACT = "adapter"            # where a trial's adapter folder lies in its run's artifacts
 ANALYSIS_ARTIFACT = "analysis"          # and its analyses' CSV + PNG files (beside the adapter in the checkpoint)
+CHAMPION = "champion"                   # the alias of a registered model's best version so far
 
 
 @dataclass
@@ -40,10 +45,17 @@ class RegisteredAdapter:
     method: str
     trial_key: str
     run_id: str | None
+    champion: bool = False                  # whether this version took the `champion` alias
+    previous_champion: str | None = None    # the version that held it before, if any
 
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
+
+    @property
+    def champion_uri(self) -> str:
+        """The registered model's champion, whichever version holds it now."""
+        return champion_uri(self.name)
 
 
 def register_best(client: MlflowClient, tracking_uri: str, parent_run_id: str, trials: list[dict], df,
@@ -97,7 +109,7 @@ def _register(client: MlflowClient, parent_run_id: str, trial: dict, adapter: Pa
     val = final.get(f"val_{metric}")
     tags = {"base_model": model, "dataset": dataset, "method": method, "task": config["task"],
             "trial_key": str(params.get("trial_key")), "seed": str(params.get("seed")),
-            "metric": metric, f"val_{metric}": str(val),
+            "metric": metric, "mode": metric_mode(metric), f"val_{metric}": str(val),
             f"val_{metric}_mean": str(row["val_mean"]), f"test_{metric}_mean": str(row["test_mean"]),
             "n_seeds": str(row["n_seeds"]), "sweep_run_id": parent_run_id,
             "trial_run_id": str(trial.get("run_id"))}
@@ -106,11 +118,67 @@ def _register(client: MlflowClient, parent_run_id: str, trial: dict, adapter: Pa
     MlflowClient().update_registered_model(
         name, description=f"Best sparta adapter for {model} on {dataset}: highest mean-over-seeds val "
                           f"{metric} of a sweep; base model + adapter folder, loadable with "
-                          f"pipelines.sweeps.registry.load_registered.")
+                          f"pipelines.sweeps.registry.load_registered. Alias {CHAMPION!r}: the version with "
+                          f"the best val {metric} over all sweeps.")
     if trial.get("run_id"):
         client.set_tag(trial["run_id"], "sparta.registered_model", f"{name}/{mv.version}")
+    crowned, previous = claim_champion(client, name, str(mv.version), tags)
     return RegisteredAdapter(name, str(mv.version), model, dataset, method,
-                             str(params.get("trial_key")), trial.get("run_id"))
+                             str(params.get("trial_key")), trial.get("run_id"), crowned, previous)
+
+
+# -- the champion alias ----------------------------------------------------------------------------
+def champion_uri(name: str) -> str:
+    return f"models:/{name}@{CHAMPION}"
+
+
+def metric_mode(metric: str) -> str:
+    """"max" or "min": the direction the sweep's summary ranks `metric` in."""
+    return "max" if summ.higher_is_better(metric) else "min"
+
+
+def current_champion(client: MlflowClient, name: str):
+    """The version holding `champion` (a ModelVersion), or None when no version holds it yet."""
+    # The registered model's alias map, not get_model_version_by_alias: a missing alias is then plain
+    # data, where the lookup raises a generic INVALID_PARAMETER_VALUE shared with other errors.
+    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def claim_champion(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> tuple[bool, str | None]:
+    """Give `version` (registered with `tags`) the `champion` alias if there is no champion yet or it
+    strictly beats the champion's val metric; (whether it did, the champion's version before)."""
+    held = current_champion(client, name)
+    previous = None if held is None else str(held.version)
+    if held is not None and not _beats(tags, held.tags, f"{name}/{version}", f"{name}/{previous}"):
+        return False, previous
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True, previous
+
+
+def _beats(new: dict[str, str], old: dict[str, str], new_label: str, old_label: str) -> bool:
+    """Is the version tagged `new` strictly better than the one tagged `old` on their val metric?"""
+    metric = new["metric"]
+    mode = new.get("mode") or metric_mode(metric)
+    old_metric = old.get("metric")
+    old_mode = old.get("mode") or (metric_mode(old_metric) if old_metric else None)
+    if (old_metric, old_mode) != (metric, mode):
+        # Another metric (or a version not registered by a sweep): not comparable; moving the alias is
+        # then a person's call (MlflowClient.set_registered_model_alias).
+        log.warning("%s is not compared with champion %s: val %s (%s) vs %s (%s); champion kept", new_label,
+                    old_label, metric, mode, old_metric or "no metric", old_mode or "-")
+        return False
+    a, b = _num(new.get(f"val_{metric}")), _num(old.get(f"val_{metric}"))
+    if math.isnan(b):
+        return not math.isnan(a)   # a measured value beats a champion without one
+    return a > b if mode == "max" else a < b
+
+
+def _num(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 # -- the registry's model --------------------------------------------------------------------------

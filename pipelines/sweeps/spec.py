@@ -33,6 +33,11 @@ Analysis = Literal["gap", "bounds", "spectrum", "intruders", "landscape"]
 # The hyper-parameters a search may vary, in the order they appear in trials and trial keys.
 HYPERPARAMS = ("lr", "rank", "alpha", "chain_segments", "lora_plus_ratio", "weight_decay")
 DATA_SUFFIXES = (".csv", ".jsonl", ".parquet")
+# What a trial reports that a search may optimise or a Pareto front may trade off (workers.training.loop's
+# reports: val_/test_ scores per task, losses, cost).
+OBJECTIVE_METRICS = ("val_accuracy", "val_mcc", "val_f1", "val_loss", "test_accuracy", "test_mcc", "test_f1",
+                     "test_loss", "train_loss", "gen_gap", "gap", "samples_per_s", "wall_s", "peak_mem_mib",
+                     "trainable_params")
 # What `datasets.Dataset(Dict).save_to_disk` writes into a folder.
 _HF_SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 
@@ -258,8 +263,15 @@ def _fmt(v: Any) -> str:
 
 
 class SearchSpec(Section):
-    """Hyper-parameters: each a scalar, a grid (list) or a sampling spec; `num_samples` draws of the
-    sampled ones per grid point, from an RNG seeded by `seed` and the grid point."""
+    """Hyper-parameters: each a scalar, a list or a sampling spec, and how trials choose among them:
+    - grid: every list is expanded whole; `num_samples` draws of the sampled ones per grid point, from an
+      RNG seeded by `seed` and the grid point;
+    - random: lists are choices too; `num_samples` draws of everything that varies, per (model, dataset,
+      method, seed), seeded by `seed`;
+    - optuna: Optuna's TPE (through ray.tune.search.optuna) picks `num_samples` trials per (model, dataset,
+      method, seed) from the results so far, lists as categorical, seeded by `seed`."""
+
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
 
     lr: Any = 1e-3
     rank: Any = 16
@@ -301,18 +313,22 @@ class SearchSpec(Section):
         base = {p: getattr(self, p) for p in HYPERPARAMS}
         try:
             return SearchSpec.model_validate({**base, **overrides, "num_samples": self.num_samples,
-                                              "seed": self.seed})
+                                              "seed": self.seed, "algorithm": self.algorithm})
         except ValidationError as e:   # a bad value: name it under by_method.<method>
             loc, msg = validation_errors(e, lambda _: SearchSpec)[0]
             raise FieldError(("by_method", method, *loc), msg) from None
 
     @model_validator(mode="after")
     def _samples_need_sampled(self) -> SearchSpec:
-        if self.num_samples > 1 and not self.sampled():
+        if self.algorithm != "grid":
+            if not self.varying():
+                raise FieldError(("algorithm",), f"{self.algorithm} needs a parameter to search: a list or "
+                                 f"{{{choices(SAMPLERS)}: ...}}")
+        elif self.num_samples > 1 and not self.sampled():
             raise FieldError(("num_samples",), "num_samples > 1 needs at least one sampled parameter "
                                         f"({{{choices(SAMPLERS)}: ...}}); a grid is expanded whole")
         labels = set()
-        for label, _ in self.points():
+        for label, _ in self.points() if self.algorithm != "optuna" else ():
             if label in labels:   # grid values that differ only past the 5 digits trial keys show
                 raise FieldError((), f"two grid points give the same trial key part {label!r}; make the "
                               "values differ in their first 5 digits")
@@ -327,11 +343,54 @@ class SearchSpec(Section):
     def sampled(self) -> dict[str, dict]:
         return {p: getattr(self, p) for p in HYPERPARAMS if isinstance(getattr(self, p), dict)}
 
-    def points(self) -> list[tuple[str, dict]]:
-        """(label, values) for every grid point x sample; the label names what varies
-        ("lr=1e-4,rank=8"), values hold every hyper-parameter (alpha resolved to 2 * rank if null)."""
+    def varying(self) -> list[str]:
+        """The hyper-parameters that take more than one value, in HYPERPARAMS order."""
         grid, sampled = self.grid(), self.sampled()
-        varying = [p for p in HYPERPARAMS if p in sampled or len(grid.get(p, ())) > 1]
+        return [p for p in HYPERPARAMS if p in sampled or len(grid.get(p, ())) > 1]
+
+    def constants(self) -> dict[str, Any]:
+        """The hyper-parameters that take one value (alpha may be null: 2 * rank)."""
+        return {p: getattr(self, p)[0] for p in HYPERPARAMS if p not in self.varying()}
+
+    def tune_space(self) -> dict[str, Any]:
+        """The varying hyper-parameters as a Ray Tune search space: tune.loguniform / uniform / choice for
+        the sampled ones; lists as tune.grid_search (grid) or tune.choice (random, optuna)."""
+        from ray import tune
+
+        out = {}
+        for p in self.varying():
+            space = getattr(self, p)
+            if isinstance(space, list):
+                out[p] = tune.grid_search(space) if self.algorithm == "grid" else tune.choice(space)
+            else:
+                (sampler, args), = space.items()
+                out[p] = tune.choice(args) if sampler == "choice" else getattr(tune, sampler)(*args)
+        return out
+
+    def point(self, values: dict[str, Any], sample: int | None = None) -> tuple[str, dict]:
+        """(label, values) for one choice of the varying hyper-parameters (`values`, others constant): the
+        label names what varies ("lr=1e-4,rank=8", and ",sample=k" for the k-th draw), the values hold
+        every hyper-parameter (alpha resolved to 2 * rank if null)."""
+        values = {**self.constants(), **values}
+        values = {p: values[p] for p in HYPERPARAMS}
+        # Labels show values as written (alpha null -> "auto"), so that [8, null] stay apart.
+        label = ",".join(f"{p}={_fmt(values[p])}" for p in self.varying())
+        if values["alpha"] is None:
+            values["alpha"] = float(2 * values["rank"])
+        if sample is not None:
+            label += ("," if label else "") + f"sample={sample}"
+        return label, values
+
+    def points(self) -> list[tuple[str, dict]]:
+        """(label, values) for every trial of one (model, dataset, method, seed), as `point` makes them:
+        grid points x samples (grid), or `num_samples` draws (random). Optuna's are chosen as results come."""
+        if self.algorithm == "optuna":
+            raise ValueError("optuna chooses its trials from the results so far: there is no list in advance")
+        grid, sampled = self.grid(), self.sampled()
+        if self.algorithm == "random":   # lists are choices: every draw from one RNG per (model, ..., seed) cell
+            rng = random.Random(f"sparta-search:{self.seed}:random")
+            spaces = {p: {"choice": getattr(self, p)} if p in grid else sampled[p] for p in self.varying()}
+            return [self.point({p: _draw(rng, sp) for p, sp in spaces.items()}, k) for k in range(self.num_samples)]
         out = []
         for index, combo in enumerate(itertools.product(*grid.values())):
             # One RNG per grid point: adding samples keeps the earlier draws; every model, dataset,
@@ -340,15 +399,15 @@ class SearchSpec(Section):
             for k in range(self.num_samples):
                 values = dict(zip(grid, combo))
                 values.update({p: _draw(rng, space) for p, space in sampled.items()})
-                values = {p: values[p] for p in HYPERPARAMS}
-                # Labels show values as written (alpha null -> "auto"), so that [8, null] stay apart.
-                label = ",".join(f"{p}={_fmt(values[p])}" for p in varying)
-                if values["alpha"] is None:
-                    values["alpha"] = float(2 * values["rank"])
-                if self.num_samples > 1:
-                    label += f",sample={k}"
-                out.append((label, values))
+                out.append(self.point(values, k if self.num_samples > 1 else None))
         return out
+
+    @property
+    def trials_per_cell(self) -> int:
+        """Trials per (model, dataset, method, seed)."""
+        if self.algorithm != "grid":
+            return self.num_samples
+        return math.prod(len(v) for v in self.grid().values()) * self.num_samples
 
 
 class TrainSpec(Section):
@@ -433,6 +492,20 @@ class AnalysisSettingsSpec(Section):
         return v
 
 
+class ObjectiveSpec(Section):
+    """One objective: a metric the trials report and whether higher or lower is better."""
+
+    metric: str
+    mode: Literal["max", "min"]
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OBJECTIVE_METRICS:
+            raise ValueError(f"unknown metric {v!r}; valid: {choices(OBJECTIVE_METRICS)}")
+        return v
+
+
 # -- the spec --------------------------------------------------------------------------------------
 class SweepSpec(Section):
     """A whole sweep. Build it with `load_spec(path)` or `SweepSpec.model_validate(dict)`."""
@@ -449,6 +522,9 @@ class SweepSpec(Section):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     max_concurrent: int = Field(1, ge=1)
     max_failures: int = Field(1, ge=0)
+    # What search.algorithm optuna optimises (several: multi-objective) and the summary's Pareto front trades
+    # off; none: the scheduler's metric and mode (val_accuracy, max by default), and no front.
+    objectives: list[ObjectiveSpec] | None = None
     analysis: list[Analysis] = Field(default_factory=list)
     analysis_settings: AnalysisSettingsSpec = Field(default_factory=AnalysisSettingsSpec)
 
@@ -508,6 +584,14 @@ class SweepSpec(Section):
         except ValueError as e:
             field = ("deepspeed", "config") if ds.config is not None else ("deepspeed", "zero_stage")
             raise FieldError(field, str(e), root=True) from None
+        if self.objectives is not None:
+            if not self.objectives:
+                raise FieldError(("objectives",), "empty list: give at least one {metric, mode} or leave it out",
+                                 root=True)
+            names = [o.metric for o in self.objectives]
+            for i, name in enumerate(names):
+                if name in names[:i]:
+                    raise FieldError(("objectives", i, "metric"), f"duplicate objective {name!r}", root=True)
         sch = self.scheduler
         if sch.type == "asha":
             if self.train.eval_every is None:
@@ -545,18 +629,34 @@ class SweepSpec(Section):
             return 1
         return math.ceil(t.steps / t.eval_every) if t.steps is not None else None
 
+    def cells(self) -> list[dict]:
+        """models x datasets x methods x seeds, in that nesting order: what each trial holds besides its
+        hyper-parameters ({model, dataset, method, seed})."""
+        return [{"model": model, "dataset": dataset.name, "method": method, "seed": seed}
+                for model, dataset, method, seed in itertools.product(self.models, self.datasets, self.methods,
+                                                                      self.seeds)]
+
+    @staticmethod
+    def trial(cell: dict, label: str, values: dict) -> dict:
+        """One trial: its cell, every hyper-parameter, and a stable trial_key naming both."""
+        key = f"{model_label(cell['model'])}/{cell['dataset']}/{cell['method']}/seed{cell['seed']}"
+        return {**cell, **values, "trial_key": key + (f"/{label}" if label else "")}
+
+    @property
+    def n_trials(self) -> int:
+        return sum(self.search.for_method(c["method"]).trials_per_cell for c in self.cells())
+
+    @property
+    def objective_list(self) -> list[ObjectiveSpec]:
+        """The objectives, or the scheduler's metric and mode as the one objective."""
+        return self.objectives or [ObjectiveSpec(metric=self.scheduler.metric, mode=self.scheduler.mode)]
+
     def trials(self) -> list[dict]:
-        """models x datasets x methods x seeds x (grid points x num_samples), in that nesting order.
+        """models x datasets x methods x seeds x (grid points x num_samples, or num_samples draws), in that
+        nesting order (grid and random; optuna's trials are chosen as results come, `n_trials` counts them).
         Each trial: model, dataset, method, seed, every hyper-parameter, and a stable trial_key."""
         points = {m: self.search.for_method(m).points() for m in self.methods}
-        out = []
-        for model, dataset, method, seed in itertools.product(self.models, self.datasets, self.methods,
-                                                              self.seeds):
-            for label, values in points[method]:
-                key = f"{model_label(model)}/{dataset.name}/{method}/seed{seed}" + (f"/{label}" if label else "")
-                out.append({"model": model, "dataset": dataset.name, "method": method, "seed": seed,
-                            **values, "trial_key": key})
-        return out
+        return [self.trial(cell, label, values) for cell in self.cells() for label, values in points[cell["method"]]]
 
     def trial_config(self, trial: dict) -> dict:
         """Everything one trial needs, as a plain dict: the trial's own values, the dataset reference

@@ -30,7 +30,9 @@ from pipelines.mlflow_store import (DEFAULT_EXPERIMENT, ROLE_TAG, decode_param, 
                                     log_metrics, log_params, now_ms, number, plain, resolve_tracking_uri,
                                     search_all, sparta_version)
 from pipelines.sweeps import summary as summ
-from pipelines.sweeps.registry import ADAPTER_ARTIFACT, ANALYSIS_ARTIFACT, RegisteredAdapter, register_best
+from pipelines.sweeps.pareto import pareto_table, write_pareto
+from pipelines.sweeps.registry import (ADAPTER_ARTIFACT, ANALYSIS_ARTIFACT, RegisteredAdapter, current_champion,
+                                     register_best)
 from workers.training.trial import NODE_KEY
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class SweepResult:
     parent_run_id: str
     summary: Any                                     # pandas.DataFrame, as summary.summary_table
     registered: list[RegisteredAdapter] = field(default_factory=list)
+    pareto: Any = None                               # pandas.DataFrame, as pareto.pareto_table (objectives only)
 
 
 class SweepTracker:
@@ -231,10 +234,12 @@ class SweepTracker:
         log_metrics(self.client, run_id, metrics)
 
     # -- the end -----------------------------------------------------------------------------------
-    def finish(self, trials: list[dict] | None = None, status: str = "FINISHED") -> SweepResult:
+    def finish(self, trials: list[dict] | None = None, status: str = "FINISHED",
+               objectives: list[tuple[str, str]] | None = None) -> SweepResult:
         """Write the summary table (CSV, Parquet, markdown, PNG, plus every trial as trials.csv) under
-        "summary" in the parent run, log totals (trials, failed_trials, sweep_wall_s), register the best
-        adapter per model x dataset, and end the parent run with `status`.
+        "summary" in the parent run, with `objectives` [(metric, "max"/"min"), ...] also the trials' Pareto
+        front over them (pareto.csv/.md/.png), log totals (trials, failed_trials, sweep_wall_s), register the
+        best adapter per model x dataset, and end the parent run with `status`.
 
         `trials` defaults to those given to `log_trial`; trials given here are matched to their child
         runs by "run_id" or params["trial_key"]. Trials that have not ended (Ray's RUNNING, PENDING, PAUSED:
@@ -254,9 +259,12 @@ class SweepTracker:
         trials = self._with_run_ids([t for t in given if t not in unended])
         try:
             df = summ.summary_table(trials)
+            front = pareto_table(trials, objectives) if objectives else None
             with tempfile.TemporaryDirectory() as tmp:
                 summ.write_summary(df, tmp)
                 summ.trials_table(trials).to_csv(Path(tmp) / "trials.csv", index=False)
+                if front is not None:
+                    write_pareto(front, objectives, tmp)
                 self.client.log_artifacts(self.parent_run_id, tmp, SUMMARY_ARTIFACT)
             failed = sum(t["status"] != "FINISHED" for t in trials)
             walls = [number((t.get("final") or {}).get("wall_s")) for t in trials]
@@ -273,7 +281,7 @@ class SweepTracker:
                       error=f"{type(e).__name__}: {e}")
             raise
         self._end(status)
-        return SweepResult(self.parent_run_id, df, registered)
+        return SweepResult(self.parent_run_id, df, registered, front)
 
     def _with_run_ids(self, trials: list[dict]) -> list[dict]:
         by_key = {t["params"].get("trial_key"): t for t in self.trials}
@@ -328,3 +336,13 @@ def results_table(experiment_name: str, tracking_uri: str | None = None, parent_
     """Rebuild `summary.summary_table` from MLflow: the trial child runs of a sweep (by default the newest
     sweep run of the experiment) in the tracking store."""
     return summ.summary_table(load_trials(experiment_name, tracking_uri, parent_run_id))
+
+
+def sweep_champions(experiment_name: str, tracking_uri: str | None = None, parent_run_id: str | None = None) -> list:
+    """The version holding the `champion` alias (a ModelVersion) of each registered model the sweep (by
+    default the newest of the experiment) registered a version of; it may come from an earlier sweep."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    parent = parent_run_id or latest_sweep_run_id(experiment_name, uri)
+    names = sorted({mv.name for mv in client.search_model_versions(f"run_id = '{parent}'")})
+    return [mv for mv in (current_champion(client, name) for name in names) if mv is not None]

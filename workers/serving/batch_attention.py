@@ -160,15 +160,17 @@ def _decode(step: StepBatch, layer: int, query: torch.Tensor, scale: float, wind
     out = torch.empty_like(q)
     for g in step.groups:
         idx = g.index
-        bounds = None
+        bounds = balls = None
         if g.art.uses_bounds or g.quest_ratio:
             bounds = pool.key_bounds(layer, g.art.block_size)
+        if g.art.uses_ball or g.art.uses_values:
+            balls = pool.block_balls(layer, g.art.block_size)
         rows = step.slots_t if idx is None else step.slots_t[idx]
         got, visited, candidates = decode_rows(
             q if idx is None else q[idx], k, v, g.art, lengths=lengths if idx is None else lengths[idx],
             starts=None if starts is None else (starts if idx is None else starts[idx]),
             rows=None if (idx is None and step.contiguous) else rows, key_bounds=bounds,
-            quest_ratio=g.quest_ratio, scale=scale, impl=step.impl)
+            quest_ratio=g.quest_ratio, scale=scale, impl=step.impl, balls=balls)
         if idx is None:
             out = got
             step.visited += visited

@@ -312,7 +312,7 @@ class ContinuousEngine(Engine):
             request.reserved = job.n - 1
             self.table.reserved += request.reserved
             if job.art.uses_bounds or request.quest_ratio:
-                self.pool.track_blocks(job.art.block_size)
+                self.pool.track_blocks(job.art.block_size, balls=job.art.uses_ball or job.art.uses_values)
             out.append(request)
         return out
 
@@ -473,7 +473,9 @@ class ContinuousEngine(Engine):
             if owner is None:
                 self.pool.reset(slot)
         self.decoding = sorted(staying, key=lambda s: s.slot)
-        self.pool.drop_blocks({s.request.job.art.block_size for s in self.decoding + self.prefilling})
+        running = [s.request.job.art for s in self.decoding + self.prefilling]
+        self.pool.drop_blocks({art.block_size for art in running},
+                              {art.block_size for art in running if art.uses_ball or art.uses_values})
 
     def _leave(self, seq: Sequence) -> None:
         self.table.release(seq)

@@ -8,11 +8,15 @@ such as PyramidKV leaves each layer its own length).
 
 For ART's bound-ordered and certified modes the pool also keeps per-block key summaries (channel-wise min
 and max, as Quest keeps them) for each block size in use, updated as blocks fill up, so the kernels never
-re-read the whole cache to rank blocks.
+re-read the whole cache to rank blocks; and, where a request's ART setting asks for them (box+ball score
+bounds, the value-aware certificate), the balls of its blocks' keys and values (centroid and radius, as
+`attention.reference.block_balls` makes them), likewise.
 """
 from __future__ import annotations
 
 import torch
+
+from attention.reference import block_balls
 
 
 class KVPool:
@@ -30,6 +34,8 @@ class KVPool:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.lengths = torch.zeros(layers, slots + 1, dtype=torch.long)   # host side: the scheduler's bookkeeping
         self.bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # block size -> (kmin, kmax)
+        # block size -> (key centres, key radii, value centres, value radii)
+        self.balls: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def scratch(self) -> int:
@@ -55,8 +61,9 @@ class KVPool:
         for k, v in zip(self.k, self.v):
             k[dst, :, :n] = k[src, :, :n]
             v[dst, :, :n] = v[src, :, :n]
-        for bs, (kmin, kmax) in self.bounds.items():
-            kmin[:, dst], kmax[:, dst] = kmin[:, src], kmax[:, src]
+        for kept in [*self.bounds.values(), *self.balls.values()]:
+            for x in kept:
+                x[:, dst] = x[:, src]
         self.lengths[:, dst] = self.lengths[:, src]
 
     def load(self, slot: int, layer_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -77,22 +84,37 @@ class KVPool:
                                    torch.arange(blocks, device=self.device))
 
     # -- block summaries -------------------------------------------------------------------------------
-    def track_blocks(self, block_size: int) -> None:
-        """Keep key summaries for `block_size` from now on (for sequences written after this call)."""
+    def track_blocks(self, block_size: int, balls: bool = False) -> None:
+        """Keep key summaries for `block_size` from now on (for sequences written after this call), and the
+        key and value balls too if `balls`."""
+        shape = (self.layers, self.slots + 1, self.kv_heads, max(1, self.capacity // block_size), self.head_dim)
         if block_size not in self.bounds:
-            shape = (self.layers, self.slots + 1, self.kv_heads, max(1, self.capacity // block_size), self.head_dim)
             self.bounds[block_size] = (torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
+        if balls and block_size not in self.balls:
+            center, radius = (lambda: torch.zeros(shape, device=self.device)), \
+                (lambda: torch.zeros(shape[:-1], device=self.device))
+            self.balls[block_size] = (center(), radius(), center(), radius())
 
-    def drop_blocks(self, keep: set[int]) -> None:
-        """Forget the summaries of block sizes no running sequence uses (memory is bounded by those in use)."""
+    def drop_blocks(self, keep: set[int], keep_balls: set[int] = frozenset()) -> None:
+        """Forget the summaries of block sizes no running sequence uses, and the balls of those no running
+        sequence needs balls of (memory is bounded by those in use)."""
         for bs in [bs for bs in self.bounds if bs not in keep]:
             del self.bounds[bs]
+        for bs in [bs for bs in self.balls if bs not in keep_balls or bs not in self.bounds]:
+            del self.balls[bs]
 
     def key_bounds(self, layer: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(kmin, kmax) of `layer`, (slots + 1, kv_heads, blocks, head_dim) fp32, covering every complete
         block of each sequence written since `track_blocks(block_size)`; None if not tracked."""
         got = self.bounds.get(block_size)
         return None if got is None else (got[0][layer], got[1][layer])
+
+    def block_balls(self, layer: int, block_size: int) -> tuple[torch.Tensor, ...] | None:
+        """(key centres, key radii, value centres, value radii) of `layer`, (slots + 1, kv_heads, blocks, head_dim)
+        and (slots + 1, kv_heads, blocks) fp32, covering every complete block of each sequence written since
+        `track_blocks(block_size, balls=True)`; None if not tracked."""
+        got = self.balls.get(block_size)
+        return None if got is None else tuple(x[layer] for x in got)
 
     def summarise(self, layer: int, block_size: int, slots: torch.Tensor, blocks: torch.Tensor) -> None:
         """Recompute the summaries of block `blocks[i]` of slot `slots[i]` (both device tensors of equal length)."""
@@ -102,3 +124,11 @@ class KVPool:
         keys = view[slots, :, blocks].float()                                # (m, heads, bs, d)
         kmin[layer][slots, :, blocks] = keys.amin(2)
         kmax[layer][slots, :, blocks] = keys.amax(2)
+        if block_size in self.balls:
+            kc, kr, vc, vr = self.balls[block_size]
+            values = self.v[layer][:, :, :full].unflatten(2, (-1, block_size))[slots, :, blocks]
+            every = torch.ones(keys.shape[0], block_size, dtype=torch.bool, device=self.device)
+            for x, center, radius in ((keys, kc, kr), (values, vc, vr)):
+                c, r = block_balls(x, every, block_size)             # (m, heads, 1, d), (m, heads, 1)
+                center[layer][slots, :, blocks] = c[:, :, 0]
+                radius[layer][slots, :, blocks] = r[:, :, 0]

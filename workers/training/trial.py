@@ -11,12 +11,17 @@ from pathlib import Path
 
 NODE_KEY = "ray_node_id"       # reported with every eval (a string: a tag in MLflow, not a metric)
 CRASH_KEY = "_crash_at_step"   # fault injection for tests: the worker process dies at that step, once
+THREADS_KEY = "_threads"       # torch threads: the worker's CPU reservation, rounded (Ray's OMP_NUM_THREADS floors it)
 
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
+    import torch
 
     from workers.training.loop import TrainConfig, train
+
+    if config.get(THREADS_KEY):   # 1.9 CPUs reserved: 2 threads, where Ray's OMP_NUM_THREADS=1 would idle a core
+        torch.set_num_threads(int(config[THREADS_KEY]))
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in config.items() if k in fields})
@@ -29,7 +34,8 @@ def train_loop_per_worker(config: dict) -> None:
         # the adapter, trainer state and DeepSpeed's model states; each rank its own ZeRO optimizer
         # partition and RNG file (rank-named, so the merge is safe).
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report({**metrics, NODE_KEY: node_id}, checkpoint=checkpoint)
+        ray.train.report({**metrics, NODE_KEY: node_id, "torch_threads": torch.get_num_threads()},
+                         checkpoint=checkpoint)
         if crash_at and metrics.get("step", 0) >= crash_at and not crash_marker.exists():
             crash_marker.write_text(json.dumps({"pid": os.getpid(), "step": metrics["step"]}))
             os._exit(1)   # as abrupt as a killed process: no cleanup, no exception handling

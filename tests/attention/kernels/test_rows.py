@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 from attention import ARTConfig
 from attention.kernels import triton_decode
 from attention.kernels.dispatch import decode_rows
-from attention.reference import block_key_bounds
+from attention.reference import block_balls, block_key_bounds
 from attention.reference import decode_attention as reference
 from attention.reference import decode_rows as reference_rows
 from tests.attention.kernels.on_device import DEVICE, moved, on_device
@@ -221,6 +221,63 @@ def test_kept_bounds_give_the_same_decisions_as_bounds_from_the_keys(impl, cfg):
     assert_same_rows(with_kept, from_keys, FP32)
     if impl != "reference":   # Quest with bounds from the keys, against the definition
         assert_same_rows(from_keys, reference_rows(q, k, v, cfg, **common), FP32)
+
+
+def pool_balls(k, v, block_size, rows, lengths):
+    """What a pool keeps with `track_blocks(block_size, balls=True)`: (key centres, key radii, value centres,
+    value radii) of every complete block, each from its own vectors (`block_balls`, every position valid),
+    stale (NaN) from each row's partial block on."""
+    every = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
+    full = k.shape[2] // block_size
+    kept = [x[:, :, :full].clone() for kv in (k, v) for x in block_balls(kv, every, block_size)]
+    for r, n in zip(rows.tolist(), lengths.tolist()):
+        for x in kept:
+            x[r, :, n // block_size:] = math.nan
+    return tuple(kept)
+
+
+BALL_CONFIGS = NEW_CONFIGS[2:]   # those that read key or value balls
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("window", [False, True], ids=["ragged", "window"])
+@pytest.mark.parametrize("cfg", BALL_CONFIGS, ids=new_id)
+def test_kept_balls_give_the_same_decisions_as_balls_from_the_keys(impl, window, cfg):
+    """The pool's balls of complete blocks (stale past each row's length; a window's first block and the
+    partial newest one summarised from the keys) decide exactly what balls made from the rows decide."""
+    assert cfg.uses_ball or cfg.uses_values
+    q, k, v, rows, lengths, starts, kept = pool_batch(t=230, d=64, seed=5, window=window, graded=True)
+    common = dict(lengths=lengths, starts=starts, rows=rows, key_bounds=pool_bounds(kept, cfg.block_size, rows, lengths))
+    balls = pool_balls(k, v, cfg.block_size, rows, lengths)
+    with_kept = rows_with(impl, q, k, v, cfg, balls=balls, **common)
+    from_keys = reference_rows(q, k, v, cfg, **common)
+    assert_same_rows(with_kept, from_keys, FP32)
+    assert (with_kept[1] < with_kept[2]).any()   # something was skipped: the summaries decided it
+
+
+def test_kept_balls_read_two_blocks_per_row():
+    """With the pool's balls, a call reads each row's first and last block, not its whole row."""
+    q, k, v, rows, lengths, starts, kept = pool_batch(t=400, t_cap=448, slots=40, window=True, graded=True)
+    cfg = BALL_CONFIGS[-2]   # key and value balls
+    bs, hkv, d = cfg.block_size, k.shape[1], k.shape[3]
+    kwargs = dict(lengths=lengths, starts=starts, rows=rows, key_bounds=pool_bounds(kept, bs, rows, lengths))
+    balls = pool_balls(k, v, bs, rows, lengths)
+    with Watch() as watch:
+        got = decode_rows(q, k, v, cfg, impl="cpu", balls=balls, **kwargs)
+    assert 0 < watch.largest <= 2 * len(rows) * bs * hkv * d < len(rows) * k[0].numel() / 3
+    assert_same_rows(got, reference_rows(q, k, v, cfg, **kwargs), FP32)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_bad_kept_balls_are_refused(impl):
+    q, k, v, rows, lengths, _, _ = pool_batch(t=100)
+    cfg = BALL_CONFIGS[1]
+    balls = pool_balls(k, v, cfg.block_size, rows, lengths)
+    with pytest.raises(ValueError, match=r"balls\[1\] must be \(6, 2, >= 3\)"):
+        decode_rows(q, k, v, cfg, lengths=lengths, rows=rows, impl=impl,
+                    balls=(balls[0], balls[1][:, :, :2], *balls[2:]))
+    with pytest.raises(ValueError, match="balls must be"):
+        decode_rows(q, k, v, cfg, lengths=lengths, rows=rows, impl=impl, balls=balls[:2])
 
 
 def row_blocks(starts, lengths, block_size):

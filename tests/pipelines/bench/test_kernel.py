@@ -44,6 +44,25 @@ def test_a_cell_times_every_row_and_its_ratios_are_the_times():
     assert [v.met for v in verdicts] == [by[r].vs_walk_all >= bk.TARGET_VS_WALK_ALL for r in ("tuned", "aggressive")]
 
 
+def test_kept_and_per_call_summaries_decide_alike():
+    """Both ways of making the summaries give a row each; the same blocks are visited and the outputs agree."""
+    ranked = "aggressive+order=bound+score_bound=box+ball+block_size=32"   # key balls rank; it stops early
+    certified = "certified+eps=1e-2+certificate=relative+score_bound=box+ball+block_size=32"   # and value balls
+    cfg = bk.KernelBenchConfig(contexts=(1024,), batches=(2,), art=(ranked, certified), device="cpu",
+                               dtype="float32", rounds=1, reps=1, summaries=("kept", "per-call"))
+    by = {r.row: r for r in bk.run(cfg)}
+    assert list(by) == [bk.SDPA, bk.WALK_ALL] + [f"{a} [{how}]" for a in (ranked, certified) for how in bk.SUMMARIES]
+    for art in (ranked, certified):
+        kept, per_call = by[f"{art} [kept]"], by[f"{art} [per-call]"]
+        assert kept.visited == per_call.visited
+        assert kept.rel_error == pytest.approx(per_call.rel_error, rel=1e-3, abs=1e-7)
+    assert by[f"{ranked} [kept]"].visited < 0.5
+    q, k, v = bk.synthetic_batch(1, 300, "smollm2-135m", torch.float32, "cpu", 0, 10.0, 4.0)
+    made = bk.kept_summaries(k, v, bk.parse_art(certified))
+    assert set(made) == {"key_bounds", "balls"} and made["balls"][0].shape == (1, 3, 10, 64)
+    assert bk.kept_summaries(k, v, bk.parse_art("paper")) == {}   # recency order: nothing to keep
+
+
 def test_the_cli_writes_its_report(tmp_path):
     result = CliRunner().invoke(cli, ["bench", "kernel", "--contexts", "256", "--batch", "1", "--device", "cpu",
                                       "--dtype", "float32", "--art", "certified", "--rounds", "1", "--reps", "1",
@@ -60,6 +79,7 @@ def test_the_cli_writes_its_report(tmp_path):
     (["--dtype", "float16"], "--dtype", "valid: float32, bfloat16"),
     (["--art", "fastest"], "--art", "unknown ART preset 'fastest'"),
     (["--batch", "0"], "--batch", "positive integers"),
+    (["--summaries", "cached"], "--summaries", "valid: kept, per-call"),
 ])
 def test_bad_options_name_the_option_and_the_choices(args, option, message, tmp_path):
     result = CliRunner().invoke(cli, ["bench", "kernel", "--out", str(tmp_path), *args])

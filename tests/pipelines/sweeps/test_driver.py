@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -62,6 +63,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
         for key in ("train_loss", "val_accuracy", "test_accuracy", "gen_gap", "samples_per_s", "wall_s",
                     "peak_mem_mib", "trainable_params"):
             assert key in run.data.metrics, key
+        assert run.data.metrics["torch_threads"] == 1   # 0.45 CPUs reserved: one thread
         files = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_model.safetensors" in files
         assert "adapter/peft" in files   # the PEFT export the trainer writes beside it
@@ -210,6 +212,43 @@ def test_asha_stops_weak_trials_early_and_lets_the_best_run_every_evaluation(tmp
     assert min(evaluations.values()) < 6, evaluations
     assert [h["step"] for h in next(r for r in out.records.values() if r.params["lr"] == best).history] == \
         [2, 4, 6, 8, 10, 12]
+
+
+def test_an_optuna_sweep_over_two_objectives_runs_end_to_end(tmp_path):
+    """Optuna (TPE through ray.tune.search.optuna) picks each trial's values, ASHA may stop them; every trial
+    lands in MLflow with its values and results; the draws are the seed's; the Pareto front over the two
+    objectives is written."""
+    from pipelines.sweeps.pareto import pareto_mask
+    from pipelines.sweeps.search import CellSearch
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, experiment="sweep-optuna", methods=["lora"], seeds=[0], max_concurrent=3,
+                     search={"algorithm": "optuna", "lr": {"loguniform": [1e-4, 1e-2]}, "rank": [4, 8],
+                             "num_samples": 3, "seed": 11},
+                     objectives=[{"metric": "val_accuracy", "mode": "max"}, {"metric": "peak_mem_mib", "mode": "min"}],
+                     scheduler={"type": "asha", "metric": "val_loss", "mode": "min", "grace_period": 1,
+                                "reduction_factor": 2})
+    spec = load_spec(path)
+    out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps")
+    # the seed's draws: TPE's first trials are its seeded startup draws, whatever the results
+    fresh = CellSearch(spec, tmp_path)
+    want = {fresh.suggest(f"x{i}")["trial"]["params"]["trial_key"] for i in range(3)}
+    assert set(out.records) == want
+    assert all(r.status == "FINISHED" and 1 <= len(r.history) <= 2 for r in out.records.values())
+    client, runs = child_runs(uri, spec.experiment)
+    assert len(runs) == 3
+    for run in runs:
+        p = run.data.params
+        assert p["search.algorithm"] == "optuna" and 1e-4 <= float(p["lr"]) <= 1e-2 and p["rank"] in ("4", "8")
+        assert p["trial_key"] in want and out.records[p["trial_key"]].params["lr"] == float(p["lr"])
+        assert {"final/val_accuracy", "final/peak_mem_mib"} <= set(run.data.metrics)
+    front = out.pareto
+    assert len(front) == 3
+    finals = {r.params["trial_key"]: r.final for r in out.records.values()}
+    points = np.array([[finals[k]["val_accuracy"], finals[k]["peak_mem_mib"]] for k in front["trial_key"]])
+    assert front["pareto"].tolist() == pareto_mask(points, ["max", "min"]).tolist() and front["pareto"].any()
+    files = {f.path for f in client.list_artifacts(out.parent_run_id, "summary")}
+    assert {"summary/pareto.csv", "summary/pareto.md", "summary/pareto.png"} <= files
 
 
 def test_a_gpt2_folder_goes_from_sweep_to_registry_to_serving(tmp_path):

@@ -1,11 +1,18 @@
 """A sweep submitted with `sparta sweep run --address` to a real two-node Ray cluster (`ray start --head`
-plus `ray start --address`), followed with `sparta sweep status|logs`, landing in MLflow.
+plus `ray start --address`), followed with `sparta sweep status|logs`, tracked by an MLflow tracking server
+on PostgreSQL, as on a cluster.
 
 Ray refuses a second node unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and with it Ray binds the machine's
 interface address. So the cluster lives in a private network namespace whose only interface is loopback:
-every node is 127.0.0.1, nothing can bind anything else, and the host's ports are untouched. The file
-system is shared, so the test reads the job's MLflow store directly. Token authentication is on, as on a
-real cluster."""
+every node is 127.0.0.1, nothing can bind anything else, and the host's ports are untouched. Token
+authentication is on, as on a real cluster.
+
+MLflow is what a cluster runs: `mlflow server` (started by the test, in the namespace) on a PostgreSQL
+database (Debian's server binaries, run as the `postgres` user in a folder of the test's), serving
+artifacts itself (`--serve-artifacts`) from a folder only it writes. The sweep gets only the server's
+URL: runs, adapters and registered models go over HTTP, and the test reads them back through the server.
+The one folder both nodes share is the sweep's storage (Tune state and checkpoints: `--storage`, what a
+cluster puts on NFS)."""
 from __future__ import annotations
 
 import json
@@ -22,11 +29,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "examples" / "sweep-tiny.yaml"
 GCS, DASHBOARD = 6379, 8265          # free by construction: the namespace is new
+PG_PORT, MLFLOW_PORT = 5432, 5000
+PG_BIN = Path("/usr/lib/postgresql/15/bin")   # Debian's postgresql-15 (the machine's package)
 pytestmark = pytest.mark.slow
 
 NODES = """
@@ -126,13 +134,90 @@ def wait_for_nodes(ns, env, n: int, procs, timeout: float = 120) -> list[dict]:
         time.sleep(2)
 
 
+def in_namespace(ns, env, code: str, timeout: float = 300) -> dict:
+    """Run Python `code` in the namespace (where the servers are); it prints one JSON line, returned."""
+    out = subprocess.run(ns.argv(sys.executable, "-c", code), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_until(ns, env, check: str, procs, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while subprocess.run(ns.argv(*check.split()), env=env, capture_output=True).returncode != 0:
+        assert all(p.poll() is None for p in procs), f"{what} exited; see its log under tmp_path/servers"
+        assert time.time() < deadline, f"{what} did not come up in {timeout:.0f} s"
+        time.sleep(1)
+
+
+@pytest.fixture
+def tracking_server(cluster, tmp_path):
+    """PostgreSQL and an MLflow tracking server on it, both on 127.0.0.1 in the cluster's namespace:
+    (tracking URI, the folder the server keeps artifacts in)."""
+    ns, env, _ = cluster
+    assert (PG_BIN / "postgres").is_file(), f"no PostgreSQL server at {PG_BIN}: install Debian's postgresql-15"
+    # postgres refuses to run as root: its folder belongs to the postgres user; short path (its socket)
+    home = Path(tempfile.mkdtemp(prefix="sparta-pg-", dir="/tmp"))
+    shutil.chown(home, "postgres")
+    logs = tmp_path / "servers"
+    logs.mkdir()
+    artifacts = tmp_path / "mlflow-server-artifacts"
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    procs = []
+    try:
+        subprocess.run([*as_postgres, str(PG_BIN / "initdb"), "-D", str(home / "data"), "-A", "trust", "-U", "postgres",
+                        "--no-sync"], check=True, capture_output=True)
+        procs.append(subprocess.Popen(
+            ns.argv(*as_postgres, str(PG_BIN / "postgres"), "-D", str(home / "data"), "-k", str(home),
+                    "-h", "127.0.0.1", "-p", str(PG_PORT), "-c", "fsync=off"),
+            stdout=open(logs / "postgres.log", "w"), stderr=subprocess.STDOUT))
+        wait_until(ns, env, f"{PG_BIN / 'pg_isready'} -h 127.0.0.1 -p {PG_PORT}", procs, "postgres")
+        subprocess.run(ns.argv("psql", "-h", "127.0.0.1", "-p", str(PG_PORT), "-U", "postgres", "-c",
+                               "CREATE DATABASE mlflow"), check=True, capture_output=True)
+        procs.append(subprocess.Popen(
+            ns.argv(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(MLFLOW_PORT),
+                    "--workers", "1", "--backend-store-uri",
+                    f"postgresql+psycopg2://postgres@127.0.0.1:{PG_PORT}/mlflow",
+                    "--serve-artifacts", "--artifacts-destination", str(artifacts)),
+            cwd=tmp_path, env=env, stdout=open(logs / "mlflow.log", "w"), stderr=subprocess.STDOUT))
+        wait_until(ns, env, f"curl -sf http://127.0.0.1:{MLFLOW_PORT}/health", procs, "the MLflow server")
+        yield f"http://127.0.0.1:{MLFLOW_PORT}", artifacts
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+READ_BACK = """
+import json, sys
+from mlflow import MlflowClient
+from pipelines.sweeps.registry import load_registered
+uri, name = sys.argv[1], sys.argv[2]
+client = MlflowClient(uri)
+exp = client.get_experiment_by_name("sweep-cluster")
+trials = client.search_runs([exp.experiment_id], "tags.`sparta.role` = 'trial'")
+(parent,) = client.search_runs([exp.experiment_id], "tags.`sparta.role` = 'sweep'")
+champion = client.get_model_version_by_alias(name, "champion")
+model, _ = load_registered(f"models:/{name}@champion", tracking_uri=uri)   # downloaded through the server
+print(json.dumps({
+    "trials": [{"method": r.data.params["method"], "status": r.info.status, "node": r.data.tags["sparta.ray_node_id"],
+                "metrics": sorted(r.data.metrics), "artifact_uri": r.info.artifact_uri,
+                "adapter": sorted(f.path for f in client.list_artifacts(r.info.run_id, "adapter"))} for r in trials],
+    "parent": {"status": parent.info.status, "trials": parent.data.metrics.get("trials"), "id": parent.info.run_id},
+    "champion": {"version": champion.version, "run_id": champion.run_id, "source": champion.source},
+    "loaded_params": sum(p.numel() for p in model.parameters()),
+}))
+"""
+
+
 def sparta(ns, env, *args, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(ns.argv(sys.executable, "-m", "pipelines.cli", "sweep", *args), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_sweep_submitted_to_a_two_node_loopback_cluster(cluster, tmp_path):
+def test_sweep_submitted_to_a_two_node_loopback_cluster(cluster, tracking_server, tmp_path):
     ns, env, nodes = cluster
+    uri, server_artifacts = tracking_server
     assert {n["ip"] for n in nodes} == {"127.0.0.1"} and sorted(n["head"] for n in nodes) == [False, True]
     worker_node = next(n["id"] for n in nodes if not n["head"])
 
@@ -140,7 +225,6 @@ def test_sweep_submitted_to_a_two_node_loopback_cluster(cluster, tmp_path):
     spec.update(experiment="sweep-cluster", seeds=[0], max_concurrent=2)   # lora and cla side by side
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     address = f"http://127.0.0.1:{DASHBOARD}"
 
     submitted = sparta(ns, env, "run", str(path), "--address", address, "--tracking-uri", uri,
@@ -156,13 +240,20 @@ def test_sweep_submitted_to_a_two_node_loopback_cluster(cluster, tmp_path):
     assert (done.returncode, done.stdout.strip()) == (0, "SUCCEEDED"), f"{logs[-3000:]}\n(all of it: {tmp_path}/job.log)"
     assert "registered models:/" in logs and "sweep 'sweep-cluster' done" in logs
 
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("sweep-cluster")
-    runs = client.search_runs([exp.experiment_id], "tags.`sparta.role` = 'trial'")
-    assert sorted(r.data.params["method"] for r in runs) == ["cla", "lora"]
-    assert all(r.info.status == "FINISHED" and "final/test_accuracy" in r.data.metrics for r in runs)
+    # everything read back through the server (the test process is outside the namespace)
+    name = "sparta-minilm-l6-movie-reviews-binary"
+    got = in_namespace(ns, env, READ_BACK.replace("sys.argv[1], sys.argv[2]", f"{uri!r}, {name!r}"))
+    trials = got["trials"]
+    assert sorted(t["method"] for t in trials) == ["cla", "lora"]
+    assert all(t["status"] == "FINISHED" and "final/test_accuracy" in t["metrics"] for t in trials)
     # the head holds no CPUs: every trial's workers ran on the second node
-    assert {r.data.tags["sparta.ray_node_id"] for r in runs} == {worker_node}
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`sparta.role` = 'sweep'")
-    assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 2
-    assert client.search_model_versions("name = 'sparta-minilm-l6-movie-reviews-binary'")
+    assert {t["node"] for t in trials} == {worker_node}
+    assert got["parent"]["status"] == "FINISHED" and got["parent"]["trials"] == 2
+    # artifacts went over HTTP into the server's own folder, and nowhere else
+    for t in trials:
+        assert t["artifact_uri"].startswith("mlflow-artifacts:/")
+        assert "adapter/adapter_model.safetensors" in t["adapter"]
+    assert len(list(server_artifacts.rglob("adapter_model.safetensors"))) >= 3   # 2 trials + the registered model
+    assert not list(tmp_path.rglob("mlflow.db")) and not (ROOT / "mlruns" / "artifacts" / "sweep-cluster").exists()
+    # the registry resolves through the server: the champion alias, its model downloaded and loaded
+    assert got["champion"]["version"] == "1" and got["loaded_params"] > 20_000_000

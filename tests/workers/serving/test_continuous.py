@@ -87,6 +87,26 @@ def test_rows_with_different_art_settings_decode_in_one_batch_as_they_do_alone(e
     assert all(g.art.batch_size == 4 for g in got)
 
 
+def test_rows_reading_balls_get_them_from_the_pool_and_decode_as_they_do_alone(engine, static):
+    """Box+ball bounds and the value-aware certificate read the balls the pool keeps for their block size
+    (while such a row runs), and decode what the static engine (balls kept by its cache) decodes."""
+    ids = [prompt(90, seed=30 + i) for i in range(3)]
+    arts = [art_config({"preset": "certified", "block_size": 16, "eps": 1e-2, "certificate": "relative",
+                        "score_bound": "box+ball"}),
+            art_config({"preset": "aggressive", "tau": 1.0, "phi": 1.0, "patience": 1, "min_blocks": 1,   # stops
+                        "recent_blocks": 0, "sink_tokens": 0, "block_size": 16, "order": "bound",
+                        "score_bound": "box+ball"}),
+            art_config({"preset": "certified", "block_size": 32, "eps": 1e-3})]   # key bounds only
+    want = [static.run([Job(p, 12, art=a)])[0].tokens for p, a in zip(ids, arts)]
+    seen: list[tuple[set, set]] = []
+    on_delta = lambda d: seen.append((set(engine.pool.bounds), set(engine.pool.balls)))   # noqa: E731
+    got = engine.run([Job(p, 12, art=a, on_delta=on_delta if i == 0 else None) for i, (p, a) in enumerate(zip(ids, arts))])
+    assert [g.tokens for g in got] == want
+    assert [g.art.mode for g in got] == ["certified", "stability", "certified"]
+    assert ({16, 32}, {16}) in seen   # balls for block size 16 only, whose rows read them
+    assert got[1].art.visited_blocks < got[1].art.candidate_blocks   # the ball-ranked walk stopped early
+
+
 @pytest.fixture(scope="module")
 def slow():
     """An engine whose steps take at least 20 ms: requests stay in flight long enough to overlap."""

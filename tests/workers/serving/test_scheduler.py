@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention.reference import block_key_bounds
+from attention.reference import block_balls, block_key_bounds
 from workers.serving.kv_pool import KVPool
 from workers.serving.scheduler import SlotTable, share_prefill
 
@@ -77,6 +77,33 @@ def test_move_and_load_carry_keys_values_lengths_and_summaries():
         want_min, want_max = block_key_bounds(k, torch.ones(1, n, dtype=torch.bool), 16)
         assert torch.equal(kmin[0, :, :full], want_min[0, :, :full]) and torch.equal(kmax[0, :, :full], want_max[0, :, :full])
     assert p.lengths[:, 0].tolist() == [40, 33]
+
+
+def test_the_pool_keeps_key_and_value_balls_where_asked():
+    p = pool()
+    p.track_blocks(16, balls=True)
+    p.track_blocks(8)   # bounds only
+    keys = [torch.randn(1, 2, n, 8) for n in (40, 33)]
+    p.load(2, [(k, k.flip(2) * 3) for k in keys])
+    p.move(2, 1)
+    assert p.block_balls(0, 8) is None and p.key_bounds(0, 8) is not None
+    for layer, k in enumerate(keys):
+        n, full = k.shape[2], k.shape[2] // 16
+        every = torch.ones(1, n, dtype=torch.bool)
+        kc, kr, vc, vr = p.block_balls(layer, 16)
+        for (center, radius), x in (((kc, kr), k), ((vc, vr), k.flip(2) * 3)):
+            want_c, want_r = block_balls(x, every, 16)   # summarised from the whole row: the same numbers
+            assert torch.equal(center[1, :, :full], want_c[0, :, :full])
+            assert torch.equal(radius[1, :, :full], want_r[0, :, :full])
+            inside = (x[0, :, :16] - center[1, :, :1]).norm(dim=-1)
+            assert (inside <= radius[1, :, :1]).all() and (radius[1, :, :full] > 0).all()
+    # a later write into block 2 of slot 1 (layer 0), then its summary
+    p.v[0][1, :, 32:48] = 5.0
+    p.summarise(0, 16, torch.tensor([1]), torch.tensor([2]))
+    _, _, vc, vr = p.block_balls(0, 16)
+    assert torch.equal(vc[1, :, 2], torch.full((2, 8), 5.0)) and torch.equal(vr[1, :, 2], torch.zeros(2))
+    p.drop_blocks({16, 8}, keep_balls=set())   # nobody needs balls: they go, the bounds stay
+    assert p.block_balls(0, 16) is None and p.key_bounds(0, 16) is not None
 
 
 def test_summarise_one_block_after_a_write():
