@@ -120,6 +120,26 @@ def test_optuna_learns_from_each_cells_own_results(tmp_path):
     assert sum(late) / len(late) < sum(early) / len(early) / 2
 
 
+def test_a_restored_searcher_continues_every_study(tmp_path):
+    """Tune saves the searcher with its state; a resumed sweep's searcher picks up where it stopped: the
+    same trials issued, the same studies (their told results), the next draws those of the seed."""
+    s = spec({"algorithm": "optuna", "lr": {"loguniform": [1e-4, 1e-2]}, "num_samples": 4, "seed": 3},
+             methods=["lora"], seeds=[0])
+    first = CellSearch(s, tmp_path)
+    issued = [first.suggest(f"t{i}")["trial"]["params"]["trial_key"] for i in range(2)]
+    first.on_trial_complete("t0", {"val_accuracy": 0.6, "training_iteration": 1})
+    first.save(str(tmp_path / "searcher.pkl"))
+    resumed = CellSearch(s, tmp_path)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert resumed.issued == [2] and set(resumed.owner) == {"t0", "t1"}
+    assert [t.values for t in resumed.studies[0]._ot_study.trials if t.values] == [[0.6]]
+    resumed.on_trial_complete("t1", {"val_accuracy": 0.7, "training_iteration": 1})   # the one still running
+    later = [resumed.suggest(f"t{i}")["trial"]["params"]["trial_key"] for i in (2, 3)]
+    fresh = CellSearch(s, tmp_path)
+    assert issued + later == [fresh.suggest(f"x{i}")["trial"]["params"]["trial_key"] for i in range(4)]
+    assert resumed.suggest("t4") == CellSearch.FINISHED
+
+
 def test_two_objectives_make_a_multi_objective_study(tmp_path):
     s = spec({"algorithm": "optuna", "lr": {"loguniform": [1e-4, 1e-2]}, "num_samples": 2},
              objectives=[{"metric": "val_accuracy", "mode": "max"}, {"metric": "peak_mem_mib", "mode": "min"}],
