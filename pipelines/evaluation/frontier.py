@@ -102,7 +102,7 @@ def plot_frontier(report, path: Path) -> Path:
         ax.set_xlabel("KV blocks skipped in decode attention (%; skip mode: value reads)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if rows:
+        if ax.get_legend_handles_labels()[1]:   # the walk panel is empty when walk was not run
             ax.legend(fontsize=7)
     prompts = max((r["prompts"] for r in rows), default=0)
     fig.suptitle(f"ART frontier: {prompts} prompts per setting, lengths {', '.join(map(str, report.config.lengths))}")
