@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.sweeps.summary import to_float
+
 Objective = tuple[str, str]   # (metric, "max" or "min")
 
 
@@ -36,7 +38,7 @@ def pareto_table(trials: list[dict], objectives: list[Objective]) -> pd.DataFram
     for t in trials:
         final = t.get("final") or {}
         values = [final.get(metric) for metric, _ in objectives]
-        if t.get("status", "FINISHED") != "FINISHED" or not all(_finite(v) for v in values):
+        if t.get("status", "FINISHED") != "FINISHED" or not all(math.isfinite(to_float(v)) for v in values):
             continue
         params = t.get("params") or {}
         rows.append({"trial_key": params.get("trial_key"), "method": params.get("method"),
@@ -46,13 +48,6 @@ def pareto_table(trials: list[dict], objectives: list[Objective]) -> pd.DataFram
         if len(df) else pd.Series(dtype=bool)
     first, mode = objectives[0]
     return df.sort_values(["pareto", first], ascending=[False, mode == "min"], kind="stable").reset_index(drop=True)
-
-
-def _finite(v) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def plot_pareto(df: pd.DataFrame, objectives: list[Objective], path: str | Path) -> Path:

@@ -168,17 +168,10 @@ def _beats(new: dict[str, str], old: dict[str, str], new_label: str, old_label: 
         log.warning("%s is not compared with champion %s: val %s (%s) vs %s (%s); champion kept", new_label,
                     old_label, metric, mode, old_metric or "no metric", old_mode or "-")
         return False
-    a, b = _num(new.get(f"val_{metric}")), _num(old.get(f"val_{metric}"))
+    a, b = summ.to_float(new.get(f"val_{metric}")), summ.to_float(old.get(f"val_{metric}"))
     if math.isnan(b):
         return not math.isnan(a)   # a measured value beats a champion without one
     return a > b if mode == "max" else a < b
-
-
-def _num(text: str | None) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 # -- the registry's model --------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def metric_name(trial: dict) -> str | None:
     return None
 
 
-def _num(value) -> float:
+def to_float(value) -> float:
+    """`value` as a float; NaN for anything that is not a number (a missing metric, a string)."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -70,8 +71,8 @@ def _usable(trial: dict) -> bool:
         return False
     name = metric_name(trial)
     final = trial.get("final") or {}
-    return name is not None and not math.isnan(_num(final.get(f"val_{name}"))) \
-        and not math.isnan(_num(final.get(f"test_{name}")))
+    return name is not None and not math.isnan(to_float(final.get(f"val_{name}"))) \
+        and not math.isnan(to_float(final.get(f"test_{name}")))
 
 
 def _config(trial: dict) -> tuple:
@@ -97,21 +98,21 @@ def _seed_key(trial: dict):
 
 def _stats(trials: list[dict], metric: str) -> dict[str, Any]:
     finals = [t["final"] for t in sorted(trials, key=_seed_key)]   # fixed order: exact, repeatable sums
-    test = [_num(f.get(f"test_{metric}")) for f in finals]
-    val = [_num(f.get(f"val_{metric}")) for f in finals]
-    trainable = [_num(f.get("trainable_params")) for f in finals]
+    test = [to_float(f.get(f"test_{metric}")) for f in finals]
+    val = [to_float(f.get(f"val_{metric}")) for f in finals]
+    trainable = [to_float(f.get("trainable_params")) for f in finals]
     trainable = [x for x in trainable if not math.isnan(x)]
     return {
         "n_seeds": len({(t.get("params") or {}).get("seed") for t in trials}),
         "test_mean": _mean(test), "test_std": _std(test),
         "val_mean": _mean(val), "val_std": _std(val),
-        "val_loss_mean": _mean([_num(f.get("val_loss")) for f in finals]),
-        "wall_s_mean": _mean([_num(f.get("wall_s")) for f in finals]),
-        "samples_per_s_mean": _mean([_num(f.get("samples_per_s")) for f in finals]),
-        "peak_mem_mib_mean": _mean([_num(f.get("peak_mem_mib")) for f in finals]),
+        "val_loss_mean": _mean([to_float(f.get("val_loss")) for f in finals]),
+        "wall_s_mean": _mean([to_float(f.get("wall_s")) for f in finals]),
+        "samples_per_s_mean": _mean([to_float(f.get("samples_per_s")) for f in finals]),
+        "peak_mem_mib_mean": _mean([to_float(f.get("peak_mem_mib")) for f in finals]),
         # The same for every seed of a configuration; the largest if they ever differ.
         "trainable_params": int(max(trainable)) if trainable else None,
-        **{col: _mean([_num(f.get(name)) for f in finals]) for col, (name, _, _) in ANALYSIS_COLUMNS.items()},
+        **{col: _mean([to_float(f.get(name)) for f in finals]) for col, (name, _, _) in ANALYSIS_COLUMNS.items()},
     }
 
 
@@ -233,7 +234,7 @@ def best_trials(trials: list[dict]) -> dict[tuple[str, str], dict]:
         metric = top_stats["metric"]
         winner = None
         for t in sorted(top_trials, key=_seed_key):
-            key = (_num(t["final"].get(f"val_{metric}")), _num(t["final"].get("val_loss")))
+            key = (to_float(t["final"].get(f"val_{metric}")), to_float(t["final"].get("val_loss")))
             if winner is None or _better(key, winner[0], metric):
                 winner = (key, t)
         best[pair] = winner[1]

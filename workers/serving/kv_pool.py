@@ -90,10 +90,9 @@ class KVPool:
         shape = (self.layers, self.slots + 1, self.kv_heads, max(1, self.capacity // block_size), self.head_dim)
         if block_size not in self.bounds:
             self.bounds[block_size] = (torch.zeros(shape, device=self.device), torch.zeros(shape, device=self.device))
-        if balls and block_size not in self.balls:
-            center, radius = (lambda: torch.zeros(shape, device=self.device)), \
-                (lambda: torch.zeros(shape[:-1], device=self.device))
-            self.balls[block_size] = (center(), radius(), center(), radius())
+        if balls and block_size not in self.balls:   # key centres, key radii, value centres, value radii
+            self.balls[block_size] = tuple(torch.zeros(shape if i % 2 == 0 else shape[:-1], device=self.device)
+                                           for i in range(4))
 
     def drop_blocks(self, keep: set[int], keep_balls: set[int] = frozenset()) -> None:
         """Forget the summaries of block sizes no running sequence uses, and the balls of those no running

@@ -16,7 +16,7 @@ from pipelines.cli import app as cli
 from pipelines.serving import deploy as sv
 from pipelines.serving.spec import ServeSpec
 from pipelines.sweeps import registry, tracking
-from tests.pipelines.sweeps.test_tracking import MODEL, OVERRIDES, _base, _logits, _make_adapter, _params
+from tests.pipelines.sweeps.test_tracking import MODEL, OVERRIDES, tiny_base, logits_of, make_adapter, trial_params
 
 EXPERIMENT = "sparta-champion"
 ACC, PPL = "movie-reviews", "wiki"   # accuracy: higher is better; perplexity: lower is better
@@ -30,9 +30,9 @@ CHAMPIONS = [("1", "1"), ("1", "1"), ("1", "3"), ("4", "3")]
 
 def _trial(dataset: str, sweep: int, val: float, root: Path) -> dict:
     metric = "accuracy" if dataset == ACC else "perplexity"
-    params = _params("cla", sweep) | {"dataset": dataset, "trial_key": f"cla-{dataset}-s{sweep}"}
+    params = trial_params("cla", sweep) | {"dataset": dataset, "trial_key": f"cla-{dataset}-s{sweep}"}
     final = {"step": 3, "metric": metric, f"val_{metric}": val, f"test_{metric}": val, "val_loss": 0.5}
-    folder = _make_adapter("cla", sweep, root / f"sweep{sweep}" / dataset)   # the seed tells the adapters apart
+    folder = make_adapter("cla", sweep, root / f"sweep{sweep}" / dataset)   # the seed tells the adapters apart
     return {"params": params, "history": [final], "final": final, "adapter_dir": folder}
 
 
@@ -81,11 +81,11 @@ def test_versions_carry_what_the_comparison_reads(sweeps):
 def test_champion_uri_loads_and_serves_the_champion(sweeps):
     acc_uri = sweeps["registered"][0][ACC].champion_uri
     model, _ = registry.load_registered(acc_uri, sweeps["uri"])
-    got = _logits(model)
+    got = logits_of(model)
     for i, expected in ((3, True), (0, False)):   # version 4 holds the alias now, not version 1
-        direct = _base()
+        direct = tiny_base()
         adapters.load(direct, sweeps["adapters"][i][ACC])
-        assert torch.equal(got, _logits(direct)) is expected, i
+        assert torch.equal(got, logits_of(direct)) is expected, i
     # a serve spec's `model: models:/NAME@champion` resolves through MLflow to version 3's adapter
     spec = ServeSpec.model_validate({"model": registry.champion_uri(PPL_NAME), "tracking_uri": sweeps["uri"],
                                      "max_context": 256, "max_new_tokens": 16, "dtype": "float32"})

@@ -43,13 +43,13 @@ TRAINABLE = {"lora": 1024, "cla": 512}
 STEPS = (10, 20, 30)
 
 
-def _base():
+def tiny_base():
     model, _ = load_model(MODEL, task="causal_lm", **OVERRIDES)
     return model.eval()
 
 
-def _make_adapter(method: str, seed: int, folder: Path) -> Path:
-    model = _base()
+def make_adapter(method: str, seed: int, folder: Path) -> Path:
+    model = tiny_base()
     handle = adapters.apply(model, AdapterConfig(method=method, rank=4, seed=seed))
     gen = torch.Generator().manual_seed(100 * seed + len(method))
     with torch.no_grad():   # as if trained: B = 0 at start would make every adapter a no-op
@@ -73,7 +73,7 @@ def _history(method: str, seed: int) -> list[dict]:
     return evals
 
 
-def _params(method: str, seed: int) -> dict:
+def trial_params(method: str, seed: int) -> dict:
     return {"model": MODEL, "dataset": DATASET, "method": method, "seed": seed, "lr": 1e-3, "rank": 4,
             "alpha": 8.0, "chain_segments": 1, "lora_plus_ratio": 16.0, "weight_decay": 0.0,
             "trial_key": f"{method}-s{seed}", "train": {"epochs": 3, "batch_size": 8},
@@ -91,11 +91,11 @@ def sweep(tmp_path_factory):
     trials = []
     for (method, seed) in FINALS:
         history = _history(method, seed)
-        trials.append({"params": _params(method, seed), "history": history, "final": dict(history[-1]),
+        trials.append({"params": trial_params(method, seed), "history": history, "final": dict(history[-1]),
                        "status": "FINISHED",
-                       "adapter_dir": _make_adapter(method, seed, root / "adapters" / f"{method}-s{seed}")})
+                       "adapter_dir": make_adapter(method, seed, root / "adapters" / f"{method}-s{seed}")})
     failed = _history("lora", 0)[:1]   # died after its first eval, no adapter
-    trials.append({"params": _params("lora", 2), "history": failed, "final": {}, "status": "ERROR",
+    trials.append({"params": trial_params("lora", 2), "history": failed, "final": {}, "status": "ERROR",
                    "adapter_dir": None})
     tracker = tracking.SweepTracker(EXPERIMENT, uri)
     with tracker:
@@ -216,10 +216,10 @@ def test_an_interrupted_sweep_ends_killed_with_the_trials_that_ended(tmp_path):
     tracker = tracking.SweepTracker("interrupted", uri, register=False)
     with tracker:
         tracker.start()
-        tracker.log_trial(_params("cla", 0), _history("cla", 0), _history("cla", 0)[-1], status="TERMINATED")
-        mine = [{"params": _params("cla", 0), "final": _history("cla", 0)[-1], "status": "TERMINATED"},
-                {"params": _params("cla", 1), "final": {}, "status": "RUNNING"},
-                {"params": _params("lora", 0), "final": {}, "status": "PENDING"}]
+        tracker.log_trial(trial_params("cla", 0), _history("cla", 0), _history("cla", 0)[-1], status="TERMINATED")
+        mine = [{"params": trial_params("cla", 0), "final": _history("cla", 0)[-1], "status": "TERMINATED"},
+                {"params": trial_params("cla", 1), "final": {}, "status": "RUNNING"},
+                {"params": trial_params("lora", 0), "final": {}, "status": "PENDING"}]
         result = tracker.finish(mine)
     run = MlflowClient(uri).get_run(result.parent_run_id)
     assert run.info.status == "KILLED"
@@ -233,9 +233,9 @@ def test_finish_with_the_drivers_trials(tmp_path):
     tracker = tracking.SweepTracker("driver", uri, register=False)
     with tracker:
         tracker.start()
-        ids = [tracker.log_trial(_params("cla", s), _history("cla", s), _history("cla", s)[-1], status="TERMINATED")
+        ids = [tracker.log_trial(trial_params("cla", s), _history("cla", s), _history("cla", s)[-1], status="TERMINATED")
                for s in (0, 1)]
-        mine = [{"params": _params("cla", s), "final": _history("cla", s)[-1], "status": "TERMINATED"}
+        mine = [{"params": trial_params("cla", s), "final": _history("cla", s)[-1], "status": "TERMINATED"}
                 for s in (0, 1)]
         result = tracker.finish(mine)
     client = MlflowClient(uri)
@@ -363,7 +363,7 @@ def test_results_table_from_mlflow(sweep):
 
 
 # -- the registry ----------------------------------------------------------------------------------
-def _logits(model) -> torch.Tensor:
+def logits_of(model) -> torch.Tensor:
     ids = torch.arange(1, 25).reshape(2, 12) % 250
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -406,18 +406,18 @@ def test_load_registered_matches_direct(sweep):
     model, tok = registry.load_registered(uri, sweep["uri"])
     assert tok is None
     best = Path(sweep["trials"][list(FINALS).index(("cla", 1))]["adapter_dir"])
-    direct = _base()
+    direct = tiny_base()
     adapters.load(direct, best)
-    got = _logits(model)
-    assert torch.equal(got, _logits(direct))
+    got = logits_of(model)
+    assert torch.equal(got, logits_of(direct))
     # ... and the comparison can fail: the base alone and another trial's adapter differ.
-    assert not torch.allclose(got, _logits(_base()), atol=1e-4)
-    other = _base()
+    assert not torch.allclose(got, logits_of(tiny_base()), atol=1e-4)
+    other = tiny_base()
     adapters.load(other, sweep["trials"][list(FINALS).index(("cla", 0))]["adapter_dir"])
-    assert not torch.allclose(got, _logits(other), atol=1e-4)
+    assert not torch.allclose(got, logits_of(other), atol=1e-4)
     merged, _ = registry.load_registered(uri, sweep["uri"], merge=True)
     assert not any(isinstance(m, adapters.AdapterLayer) for m in merged.modules())
-    assert torch.allclose(_logits(merged), got, atol=1e-5)
+    assert torch.allclose(logits_of(merged), got, atol=1e-5)
 
 
 def test_adapter_model_config_for_a_classifier(tmp_path):
