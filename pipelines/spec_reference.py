@@ -105,7 +105,7 @@ SWEEP_FIELDS = {
                   "(`summary/pareto.csv`, `.md`, `.png`); `null`: the scheduler's metric and mode, no front",
     "objectives[].metric": "a metric every trial reports: " + ", ".join(f"`{m}`" for m in OBJECTIVE_METRICS),
     "objectives[].mode": "`max` or `min`",
-    "max_failures": "retries of a failed trial before it counts as failed (Ray Train's `FailureConfig`)",
+    "max_failures": "retries of a failed trial before it counts as failed: a dead worker (Ray Train's `FailureConfig`) or a dead trial, e.g. its node lost (Tune's)",
     "analysis": "the Beyond-LoRA analyses of every trial, on its worker (docs/analysis.md): `gap` (test minus "
                 "train loss, both in eval mode, at every evaluation), `bounds`, `spectrum`, `intruders`, "
                 "`landscape` (at the end, logged as `analysis/...` metrics and CSV + PNG artifacts)",

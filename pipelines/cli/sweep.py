@@ -45,12 +45,22 @@ def run(spec: Path = typer.Argument(..., exists=True, dir_okay=False, help="the 
 
 @app.command("resume")
 def resume(experiment: str = typer.Argument(..., help="the experiment name of an interrupted sweep"),
-           tracking_uri: Optional[str] = TRACKING, storage: Optional[Path] = typer.Option(None)) -> None:
-    """Continue an interrupted sweep (Tune restore): finished trials are kept, the rest run."""
+           address: Optional[str] = ADDRESS, tracking_uri: Optional[str] = TRACKING,
+           storage: Optional[Path] = typer.Option(None, help="where the sweep keeps its state (default ./sweeps)")) -> None:
+    """Continue an interrupted sweep (Tune restore): finished trials are kept, the rest run, each from its
+    last checkpoint. With --address, as a Ray Job on the cluster (--storage: the folder its nodes share)."""
     import json
 
     from pipelines.sweeps.driver import STATE_FILE, sweep_storage
 
+    if address:   # the state lies on the cluster's storage: the job's driver reads it there
+        from pipelines.sweeps import jobs
+
+        job = jobs.submit_resume(experiment, address, storage or Path("sweeps"), tracking_uri)
+        typer.echo(f"submitted the resume of sweep {experiment!r} as Ray Job {job}\n"
+                   f"follow it: sparta sweep logs {job} --address {address} --follow  |  "
+                   f"sparta sweep status {job} --address {address} [--wait]")
+        return
     state_file = sweep_storage(experiment, storage) / STATE_FILE
     if not state_file.exists():
         typer.secho(f"no sweep {experiment!r} to resume under {state_file.parent}", fg="red", err=True)
@@ -99,8 +109,11 @@ def _run_here(parsed, spec_path: Path, tracking_uri, storage, resume: bool) -> N
                       f"{total - ended} of {total} trials not finished; "
                       f"`sparta sweep resume {outcome.experiment}` runs them (finished trials are kept).[/]")
         raise typer.Exit(130)
-    console.print(f"sweep {outcome.experiment!r} done in {outcome.wall_s:.0f} s. Browse it in MLflow: "
-                  f"[bold]sparta ui[/] then http://127.0.0.1:5000")
+    from pipelines.sweeps.tracking import driver_peak_rss_mib
+
+    console.print(f"sweep {outcome.experiment!r} done in {outcome.wall_s:.0f} s ({len(outcome.records)} trials, "
+                  f"{len(outcome.records) / max(outcome.wall_s / 60, 1e-9):.1f} per minute; driver peak RSS "
+                  f"{driver_peak_rss_mib():.0f} MiB). Browse it in MLflow: [bold]sparta ui[/] then http://127.0.0.1:5000")
     failed = [r for r in outcome.records.values() if r.status != "FINISHED"]
     if failed:
         console.print(f"[red]{len(failed)} of {len(outcome.records)} trials did not finish:[/]")

@@ -6,8 +6,10 @@ it, on a local Ray bound to loopback or on a cluster; report its status; shut it
     url = deploy(spec, app)           # starts Ray (127.0.0.1) and Serve's proxy on spec.host:spec.port
     run = metrics_run.open_metrics_run(spec)   # the deployment's MLflow run; build_app(spec, metrics=run) feeds it
 
-Registry URIs are resolved here, in the driver: the replica gets plain values (base model, a local
-adapter folder, config overrides), so workers never import pipelines or MLflow.
+Registry URIs are resolved here, on the deploying machine (base model, task, config overrides, the
+version an alias points to now); the replica gets plain values, and for a registry adapter a reference
+to its files in MLflow (workers.serving.artifacts.ArtifactRef), which it downloads on its own node through
+the tracking server: on a cluster it runs where the deploying machine's disk is not.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ class ResolvedModel:
     model_overrides: dict = field(default_factory=dict)
     source: str = ""   # the spec's model (a registry URI, an alias or a folder)
     adapters: dict = field(default_factory=dict)   # served unmerged by name: name -> local adapter folder
+    # where replicas fetch a registry adapter (workers.serving.artifacts.ArtifactRef), for `adapter` / by name
+    adapter_source: dict | None = None
+    adapter_sources: dict = field(default_factory=dict)
 
 
 def _fresh_dir(uri: str) -> Path:
@@ -44,7 +49,8 @@ def _fresh_dir(uri: str) -> Path:
     return path
 
 
-def _from_pyfunc(uri: str, local: str | None = None) -> ResolvedModel:
+def _from_pyfunc(uri: str, tracking_uri: str, local: str | None = None, remote: str | None = None) -> ResolvedModel:
+    """A logged sparta model: `uri` (models:/...), or downloaded already to `local` from `remote` (runs:/...)."""
     import mlflow
 
     from pipelines.sweeps.registry import AdapterModel
@@ -55,7 +61,28 @@ def _from_pyfunc(uri: str, local: str | None = None) -> ResolvedModel:
         raise ValueError(f"{uri} is not a sparta adapter model (its python model is {type(inner).__name__})")
     if inner.task != "causal_lm":
         raise ValueError(f"{uri} adapts {inner.base_model} for {inner.task}; serving needs a causal LM adapter")
-    return ResolvedModel(inner.base_model, str(inner.adapter_dir), dict(inner.model_overrides), uri)
+    adapter = Path(inner.adapter_dir)
+    root = next(p for p in adapter.parents if (p / "MLmodel").is_file())   # the model's folder
+    where, pinned = (remote, remote) if remote else _model_version_files(uri, tracking_uri)
+    ref = {"artifact_uri": f"{where.rstrip('/')}/{adapter.relative_to(root).as_posix()}", "tracking_uri": tracking_uri,
+           "source": pinned}
+    return ResolvedModel(inner.base_model, str(adapter), dict(inner.model_overrides), uri, adapter_source=ref)
+
+
+def _model_version_files(uri: str, tracking_uri: str) -> tuple[str, str]:
+    """(artifact URI of a registered model version's files, "models:/NAME/VERSION") for models:/NAME/VERSION
+    or models:/NAME@ALIAS: the version an alias names now, so every replica serves the same one however the
+    alias moves later."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = str(client.get_model_version_by_alias(name, alias).version)
+    else:
+        name, version = rest.rsplit("/", 1)
+    return client.get_model_version_download_uri(name, version), f"models:/{name}/{version}"
 
 
 def _from_run(uri: str, tracking_uri: str) -> ResolvedModel:
@@ -69,7 +96,7 @@ def _from_run(uri: str, tracking_uri: str) -> ResolvedModel:
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(_fresh_dir(uri)),
                                                      tracking_uri=tracking_uri))
     if (local / "MLmodel").is_file():
-        return _from_pyfunc(uri, str(local))
+        return _from_pyfunc(uri, tracking_uri, str(local), remote=uri)
     if not (local / "adapter_config.json").is_file():
         raise ValueError(f"{uri} is neither a logged sparta model (no MLmodel) nor an adapter folder")
     raw = MlflowClient(tracking_uri).get_run(uri.removeprefix("runs:/").split("/")[0]).data.params
@@ -81,17 +108,20 @@ def _from_run(uri: str, tracking_uri: str) -> ResolvedModel:
     cfg = adapter_model_config(params, local)
     if cfg["task"] != "causal_lm":
         raise ValueError(f"{uri} adapts {cfg['base_model']} for {cfg['task']}; serving needs a causal LM adapter")
-    return ResolvedModel(cfg["base_model"], str(local), cfg["model_overrides"], uri)
+    return ResolvedModel(cfg["base_model"], str(local), cfg["model_overrides"], uri,
+                         adapter_source={"artifact_uri": uri, "tracking_uri": tracking_uri, "source": uri})
 
 
 def resolve_model(spec: ServeSpec) -> ResolvedModel:
     """The spec's model and adapters as plain values; ServeSpecError (on `model` or `adapters[i]`) when a
     registry URI cannot be used or an adapter belongs to another base model."""
     if spec.adapters:
-        folders = _resolve_adapters(spec)
+        folders, sources = _resolve_adapters(spec)
         if spec.merge:
-            return ResolvedModel(spec.model, next(iter(folders.values())), dict(spec.model_overrides), spec.model)
-        return ResolvedModel(spec.model, None, dict(spec.model_overrides), spec.model, folders)
+            first = next(iter(folders))
+            return ResolvedModel(spec.model, folders[first], dict(spec.model_overrides), spec.model,
+                                 adapter_source=sources.get(first))
+        return ResolvedModel(spec.model, None, dict(spec.model_overrides), spec.model, folders, adapter_sources=sources)
     if not is_registry_uri(spec.model):
         return ResolvedModel(spec.model, spec.adapter, dict(spec.model_overrides), spec.model)
     got = _resolve_uri(spec, spec.model, "model")
@@ -100,7 +130,7 @@ def resolve_model(spec: ServeSpec) -> ResolvedModel:
         spec.check_limits(got.model, overrides)
     except FieldError as e:
         raise ServeSpecError([(".".join(e.path), str(e))]) from None
-    return ResolvedModel(got.model, got.adapter, overrides, spec.model)
+    return ResolvedModel(got.model, got.adapter, overrides, spec.model, adapter_source=got.adapter_source)
 
 
 def _resolve_uri(spec: ServeSpec, uri: str, field_name: str) -> ResolvedModel:
@@ -109,7 +139,7 @@ def _resolve_uri(spec: ServeSpec, uri: str, field_name: str) -> ResolvedModel:
     tracking = resolve_tracking_uri(spec.tracking_uri)
     try:
         with scoped_tracking_uri(tracking):
-            return _from_pyfunc(uri) if uri.startswith("models:/") else _from_run(uri, tracking)
+            return _from_pyfunc(uri, tracking) if uri.startswith("models:/") else _from_run(uri, tracking)
     except Exception as e:   # MLflow raises its own types for a missing model, version or run
         raise ServeSpecError([(field_name, f"cannot resolve {uri} in {tracking}: {e}")]) from None
 
@@ -127,9 +157,10 @@ def _same_base(a: str, b: str) -> bool:
         return False
 
 
-def _resolve_adapters(spec: ServeSpec) -> dict[str, str]:
-    """name -> local folder of every adapter the spec lists; registry ones must adapt the spec's base model."""
-    out = {}
+def _resolve_adapters(spec: ServeSpec) -> tuple[dict[str, str], dict[str, dict]]:
+    """(name -> local folder of every adapter the spec lists, name -> where replicas fetch the registry
+    ones); registry ones must adapt the spec's base model."""
+    out, sources = {}, {}
     for i, entry in enumerate(spec.adapters):
         where = f"adapters[{i}].uri"
         if not is_registry_uri(entry.uri):
@@ -143,20 +174,23 @@ def _resolve_adapters(spec: ServeSpec) -> dict[str, str]:
             raise ServeSpecError([(where, f"{entry.uri} was trained with model_overrides {got.model_overrides}; give "
                                           f"the same in the spec (it has {spec.model_overrides})")])
         out[entry.served_name] = got.adapter
-    return out
+        sources[entry.served_name] = got.adapter_source
+    return out, sources
 
 
 def engine_config(spec: ServeSpec, resolved: ResolvedModel) -> dict:
-    """workers.serving.engine.EngineConfig fields for the replica (plain values only)."""
+    """workers.serving.engine.EngineConfig fields for the replica (plain values; registry adapters as
+    ArtifactRefs, which the replica fetches: workers.serving.artifacts)."""
     art = spec.art_config()
-    return {"model": resolved.model, "name": spec.served_name, "adapter": resolved.adapter,
+    adapters = {name: resolved.adapter_sources.get(name) or folder for name, folder in resolved.adapters.items()}
+    return {"model": resolved.model, "name": spec.served_name, "adapter": resolved.adapter_source or resolved.adapter,
             "tokenizer": spec.tokenizer, "model_overrides": dict(resolved.model_overrides), "dtype": spec.dtype,
             "device": spec.device, "policy": spec.kv.policy, "policy_ratio": spec.kv.ratio,
             "art": art.to_dict() if art.active else None, "max_context": spec.max_context,
             "max_new_tokens": spec.max_new_tokens, "threads": max(1, round(spec.cpus_per_replica)),
             "scheduler": spec.scheduler.kind, "kv_cache_tokens": spec.kv_cache_tokens,
             "max_prefill_tokens": spec.scheduler.max_prefill_tokens, "max_queued": spec.scheduler.max_queued,
-            "sampling": spec.sampling.model_dump(), "adapters": dict(resolved.adapters),
+            "sampling": spec.sampling.model_dump(), "adapters": adapters,
             "max_adapters": spec.max_adapters, "runtime_adapters": spec.runtime_adapters and not spec.merge}
 
 

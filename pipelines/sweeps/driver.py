@@ -19,6 +19,7 @@ from typing import Callable
 from pipelines.ray_local import start_ray
 
 STATE_FILE = "sparta_sweep.json"   # beside Tune's state: the spec, the MLflow parent run, the tracking URI
+SPEC_COPY = "spec.yaml"            # the sweep's spec, kept in its storage: a resume (a later Ray Job) reads it there
 DRIVER_CPU = 0.01                  # what a trial's Tune trainable holds besides its Ray Train workers
 
 
@@ -108,6 +109,20 @@ def _adapter_dir(checkpoint: str | None) -> Path | None:
     return None
 
 
+def with_checkpoint_history(history: list[dict], checkpoint: str | None) -> list[dict]:
+    """A trial's reports completed from its last checkpoint, which records every evaluation of the run
+    (`trainer_state.json`): a report in flight when a node or the driver died, or made before a resumed
+    driver started, is missing from what this driver saw but not from the trainer's own record. Reports
+    win where both have a step (they carry what the Ray wrapper adds: node, threads)."""
+    try:
+        recorded = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["history"]
+    except (OSError, TypeError, ValueError, KeyError):
+        return history
+    by_step = {h["step"]: h for h in recorded if isinstance(h, dict) and "step" in h}
+    by_step.update({h["step"]: h for h in history if "step" in h})
+    return [by_step[k] for k in sorted(by_step)] + [h for h in history if "step" not in h]
+
+
 def _flatten(config: dict) -> dict:
     return config["trial"] if "trial" in config else config
 
@@ -181,6 +196,7 @@ def _callback(key: str):
                     # interrupted driver logged it: its results come back from that state, not from a report.
                     rec.history.append(_metrics_of(trial.last_result))
                     rec.checkpoint = trial.last_result.get("checkpoint_path") or rec.checkpoint
+                rec.history = with_checkpoint_history(rec.history, rec.checkpoint)
                 rec.status = status
                 if rec.run_id is None:
                     _DRIVERS[self.key][1](rec)
@@ -219,6 +235,14 @@ def sweep_storage(experiment: str, root: str | os.PathLike | None = None) -> Pat
     return (Path(root) if root else Path("sweeps")).resolve() / experiment
 
 
+def keep_spec(spec, dest: Path) -> None:
+    """Keep the parsed sweep spec beside its state, as YAML (its paths already absolute: it loads the same
+    from any folder)."""
+    import yaml
+
+    dest.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+
+
 def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri: str | None = None,
               storage_root: str | os.PathLike | None = None, address: str | None = None, resume: bool = False,
               on_progress: Callable[[dict[str, TrialRecord]], None] = lambda records: None,
@@ -240,6 +264,7 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
             raise FileNotFoundError(f"no sweep to resume at {home} (missing {STATE_FILE})")
         state = json.loads(state_file.read_text())
         storage = Path(state["storage"])
+        kept_spec = state.get("spec")
         tracker.reopen(state["parent_run_id"])
         for trial in tracker.trials:   # logged before the interruption: never redone
             rec = TrialRecord(trial["params"], [trial["final"]], trial.get("status", "FINISHED"),
@@ -249,10 +274,13 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
         storage = home / time.strftime("%Y%m%d-%H%M%S")
         storage.mkdir(parents=True, exist_ok=True)
         tracker.start(spec_path, spec.model_dump(mode="json"))
+        # the spec goes with the sweep's state: a Ray Job's copy of the submitted file is gone when it ends
+        kept_spec = str(storage / SPEC_COPY)
+        keep_spec(spec, Path(kept_spec))
     state_file.write_text(json.dumps({"experiment": spec.experiment, "parent_run_id": tracker.parent_run_id,
                                       "storage": str(storage),
                                       "tracking_uri": tracker.tracking_uri,
-                                      "spec": str(Path(spec_path).resolve()) if spec_path else None}))
+                                      "spec": kept_spec}))
 
     def on_finished(rec: TrialRecord) -> None:
         rec.run_id = tracker.log_trial(rec.params, rec.history, rec.final, _adapter_dir(rec.checkpoint),
@@ -268,8 +296,12 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
                                        resume_errored=True)
         else:
             space, search = tune_search(spec, storage, _fault)
+            # Tune's failure_config restarts a trial whose trainable died with its node (Train's own
+            # FailureConfig covers its workers only); the new TorchTrainer, same name and storage, goes on
+            # from the last checkpoint Ray Train recorded there.
             tuner = tune.Tuner(_trainable(), param_space=space, tune_config=tune_config(spec, **search),
                                run_config=tune.RunConfig(name="tune", storage_path=str(storage), verbose=0,
+                                                         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                                          callbacks=[callback]))
         tuner.fit()
         trials = [{"params": r.params, "history": r.history, "final": r.final, "status": r.status,

@@ -31,23 +31,48 @@ def submit(spec_path: Path, address: str, tracking_uri: str | None = None, stora
     tracking URI or a storage folder is made absolute here: it names a path on the head node (the same
     machine for a single-box cluster; use an MLflow server and shared storage on a real one)."""
     from pipelines.mlflow_store import resolve_tracking_uri
-    from pipelines.ray_local import ray_env
 
     tracking_uri = resolve_tracking_uri(tracking_uri)
     command = f"python -m pipelines.cli sweep run {JOB_SPEC} --tracking-uri {shlex.quote(tracking_uri)}"
     if storage:
         command += f" --storage {shlex.quote(str(Path(storage).resolve()))}"
-    env_vars = {**ray_env(), **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri}
+    return submit_command(command, address, {**(env or {}), "MLFLOW_TRACKING_URI": tracking_uri},
+                          {"sparta": "sweep", "spec": Path(spec_path).name}, spec_path)
+
+
+def submit_resume(experiment: str, address: str, storage: str | None = None, tracking_uri: str | None = None,
+                  env: dict[str, str] | None = None) -> str:
+    """Submit `sparta sweep resume EXPERIMENT` as a Ray Job: a driver on the head node continues the sweep
+    whose state lies in `storage` (the folder every node reaches), in the MLflow run it started. The
+    tracking URI defaults to the one the sweep recorded."""
+    from pipelines.mlflow_store import resolve_tracking_uri
+
+    command = f"python -m pipelines.cli sweep resume {shlex.quote(experiment)}"
+    if storage:
+        command += f" --storage {shlex.quote(str(Path(storage).resolve()))}"
+    env = dict(env or {})
+    if tracking_uri:
+        tracking_uri = resolve_tracking_uri(tracking_uri)
+        command += f" --tracking-uri {shlex.quote(tracking_uri)}"
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return submit_command(command, address, env, {"sparta": "sweep-resume", "experiment": experiment})
+
+
+def submit_command(command: str, address: str, env: dict[str, str], metadata: dict[str, str],
+                   spec_path: Path | None = None) -> str:
+    """Submit `command` as a Ray Job whose working directory is a copy of the project (with `spec_path`
+    at JOB_SPEC) and whose environment has sparta's Ray settings plus `env`; returns the job id."""
+    from pipelines.ray_local import ray_env
+
     with tempfile.TemporaryDirectory(prefix="sparta-job-") as staging:
         workdir = Path(staging) / "project"
         shutil.copytree(PROJECT, workdir, ignore=shutil.ignore_patterns(*EXCLUDES))
-        (workdir / JOB_SPEC).parent.mkdir()
-        shutil.copyfile(spec_path, workdir / JOB_SPEC)
-        return client(address).submit_job(
-            entrypoint=command,
-            runtime_env={"working_dir": str(workdir), "env_vars": env_vars},
-            metadata={"sparta": "sweep", "spec": Path(spec_path).name},
-        )
+        if spec_path is not None:
+            (workdir / JOB_SPEC).parent.mkdir()
+            shutil.copyfile(spec_path, workdir / JOB_SPEC)
+        return client(address).submit_job(entrypoint=command,
+                                          runtime_env={"working_dir": str(workdir), "env_vars": {**ray_env(), **env}},
+                                          metadata=metadata)
 
 
 def status(job_id: str, address: str) -> str:

@@ -20,6 +20,11 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 
+def train_run_name(trial_key: str) -> str:
+    """The trial's Ray Train run: its folder under the sweep's `trials/` (checkpoints), the same on a restart."""
+    return "trial-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in trial_key)
+
+
 def trial_entry(spec, trial: dict, storage, extra_train: dict | None = None) -> dict:
     """What one trial's Tune trainable receives: its params (for MLflow), training config, resources."""
     train = {**spec.trial_config(trial), **(extra_train or {})}
@@ -28,7 +33,7 @@ def trial_entry(spec, trial: dict, storage, extra_train: dict | None = None) -> 
     params = {**trial, **{f"train.{k}": v for k, v in train.items() if k not in trial}, **resources,
               "search.algorithm": spec.search.algorithm}
     return {"params": params, "train": train,
-            "run_name": "trial-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in trial["trial_key"]),
+            "run_name": train_run_name(trial["trial_key"]),
             "storage_path": str(storage / "trials"), "resources": spec.resources.model_dump(),
             "max_failures": spec.max_failures}
 

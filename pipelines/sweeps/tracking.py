@@ -238,7 +238,8 @@ class SweepTracker:
                objectives: list[tuple[str, str]] | None = None) -> SweepResult:
         """Write the summary table (CSV, Parquet, markdown, PNG, plus every trial as trials.csv) under
         "summary" in the parent run, with `objectives` [(metric, "max"/"min"), ...] also the trials' Pareto
-        front over them (pareto.csv/.md/.png), log totals (trials, failed_trials, sweep_wall_s), register the
+        front over them (pareto.csv/.md/.png), log totals (trials, failed_trials, sweep_wall_s, trials_per_min,
+        driver_peak_rss_mib), register the
         best adapter per model x dataset, and end the parent run with `status`.
 
         `trials` defaults to those given to `log_trial`; trials given here are matched to their child
@@ -269,8 +270,10 @@ class SweepTracker:
             failed = sum(t["status"] != "FINISHED" for t in trials)
             walls = [number((t.get("final") or {}).get("wall_s")) for t in trials]
             now = now_ms()
+            wall_s = time.time() - self._t0
             totals = {"trials": len(trials), "failed_trials": failed, "finished_trials": len(trials) - failed,
-                      "sweep_wall_s": time.time() - self._t0,
+                      "sweep_wall_s": wall_s, "trials_per_min": len(trials) / max(wall_s / 60, 1e-9),
+                      "driver_peak_rss_mib": driver_peak_rss_mib(),
                       "trial_wall_s_total": sum(w for w in walls if w is not None and math.isfinite(w))}
             self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0)
                                                                for k, v in totals.items()])
@@ -294,6 +297,13 @@ class SweepTracker:
                 t.setdefault("adapter_dir", mine.get("adapter_dir"))
             out.append(t)
         return out
+
+def driver_peak_rss_mib() -> float:
+    """This process's peak resident memory (the sweep's driver: Tune's state, the records, MLflow clients)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
 
 # -- reading back ----------------------------------------------------------------------------------
 def latest_sweep_run_id(experiment_name: str, tracking_uri: str | None = None) -> str:

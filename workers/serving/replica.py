@@ -23,6 +23,7 @@ from ray.serve import metrics
 from starlette.exceptions import HTTPException   # what routing raises (FastAPI's is a subclass)
 
 from workers.serving import protocol as api
+from workers.serving.artifacts import with_local_adapters
 from workers.serving.continuous import Overloaded, build_engine
 from workers.serving.engine import Completion, EngineConfig, Job
 from workers.serving.metrics import MetricsReporter
@@ -84,13 +85,14 @@ def _metrics() -> dict:
 @serve.ingress(app)
 class Replica:
     """One model per replica (loaded once, offline). `config`: workers.serving.engine.EngineConfig fields
-    (`scheduler`: continuous or static); `api_key`: when set, /v1 routes need `Authorization: Bearer <key>`;
+    (`scheduler`: continuous or static; `adapter` and `adapters` values: folders, or ArtifactRefs the replica
+    downloads on its node, workers.serving.artifacts); `api_key`: when set, /v1 routes need `Authorization: Bearer <key>`;
     `max_batch_size`, `batch_wait_timeout_s`: the static scheduler's `@serve.batch`; `metrics`: {tracking_uri,
     run_id, interval_s} of the deployment's MLflow run (workers.serving.metrics), None: no MLflow reports."""
 
     def __init__(self, config: dict, api_key: str | None = None, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, metrics: dict | None = None):
-        cfg = EngineConfig(**config)
+        cfg = EngineConfig(**with_local_adapters(config))   # registry adapters: fetched on this node
         self.continuous = cfg.scheduler == "continuous"
         # The static engine loads and decodes on one thread of its own, as the continuous engine does: torch
         # ops on several threads keep several OpenMP teams, which slows small ops (see ContinuousEngine).

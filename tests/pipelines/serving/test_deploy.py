@@ -22,6 +22,7 @@ from pipelines.serving.local import pid_alive
 from pipelines.cli import app as cli
 from pipelines.serving.spec import ServeSpec, ServeSpecError, load_serve_spec
 from workers.data.assets import load_model
+from workers.serving.artifacts import with_local_adapters
 from workers.serving.engine import Engine, EngineConfig, Job
 from tests.helpers import free_port, sparta
 
@@ -208,7 +209,7 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def test_registered_model_resolves_to_its_base_and_adapter(registry):
+def test_registered_model_resolves_to_its_base_and_adapter(registry, tmp_path):
     spec = ServeSpec.model_validate({"model": f"models:/{registry['name']}/{registry['version']}",
                                      "tracking_uri": registry["uri"], "max_context": 256, "max_new_tokens": 16,
                                      "dtype": "float32"})
@@ -216,7 +217,15 @@ def test_registered_model_resolves_to_its_base_and_adapter(registry):
     got = sv.resolve_model(spec)
     assert got.model == "random:llama-tiny" and got.model_overrides == OVERRIDES
     assert (Path(got.adapter) / "adapter_config.json").is_file()
-    engine = Engine(EngineConfig(**sv.engine_config(spec, got)))
+    # the replica gets where the adapter lies in MLflow, pinned to the version, and downloads it itself
+    cfg = sv.engine_config(spec, got)
+    assert cfg["adapter"]["source"] == f"models:/{registry['name']}/{registry['version']}"
+    assert cfg["adapter"]["tracking_uri"] == registry["uri"]
+    replica_cfg = with_local_adapters(cfg, tmp_path / "replica-node")
+    assert Path(replica_cfg["adapter"]).parent == tmp_path / "replica-node"
+    assert Path(replica_cfg["adapter"], "adapter_model.safetensors").read_bytes() == \
+        Path(registry["adapter"], "adapter_model.safetensors").read_bytes()
+    engine = Engine(EngineConfig(**replica_cfg))
     assert type(engine.codec.tok).__name__ == "ByteTokenizer"   # what tiny models are trained with
     ids = engine.codec.encode("great movie, loved it")
     [done] = engine.run([Job(ids, 8)])
@@ -230,9 +239,12 @@ def test_registered_model_resolves_to_its_base_and_adapter(registry):
     assert by_run.model == "random:llama-tiny" and by_run.model_overrides == OVERRIDES
     assert Path(by_run.adapter, "adapter_model.safetensors").read_bytes() == \
         Path(registry["adapter"], "adapter_model.safetensors").read_bytes()
+    fetched = with_local_adapters(sv.engine_config(spec, by_run), tmp_path / "replica-node")["adapter"]
+    assert Path(fetched, "adapter_model.safetensors").read_bytes() == \
+        Path(registry["adapter"], "adapter_model.safetensors").read_bytes()
 
 
-def test_adapters_resolve_by_alias_and_merge_folds_one(registry):
+def test_adapters_resolve_by_alias_and_merge_folds_one(registry, tmp_path):
     from mlflow import MlflowClient
 
     MlflowClient(registry["uri"]).set_registered_model_alias(registry["name"], "champion", registry["version"])
@@ -246,7 +258,14 @@ def test_adapters_resolve_by_alias_and_merge_folds_one(registry):
     assert Path(got.adapters[alias], "adapter_model.safetensors").read_bytes() == \
         Path(registry["adapter"], "adapter_model.safetensors").read_bytes()
     cfg = sv.engine_config(spec, got)
-    assert cfg["adapters"] == got.adapters and cfg["max_adapters"] == 16 and cfg["runtime_adapters"] is True
+    assert cfg["adapters"]["local"] == str(registry["adapter"])   # a folder: as given
+    # the alias: pinned to the version it names now (every replica serves that one, wherever the alias moves)
+    assert cfg["adapters"][alias]["source"] == f"models:/{registry['name']}/{registry['version']}"
+    fetched = with_local_adapters(cfg, tmp_path / "replica-node")["adapters"]
+    assert fetched["local"] == str(registry["adapter"])
+    assert Path(fetched[alias], "adapter_model.safetensors").read_bytes() == \
+        Path(registry["adapter"], "adapter_model.safetensors").read_bytes()
+    assert cfg["max_adapters"] == 16 and cfg["runtime_adapters"] is True
     merged = ServeSpec.model_validate({**base, "adapters": [{"uri": f"models:/{registry['name']}@champion",
                                                              "name": "best"}], "merge": True})
     assert merged.served_name == "best"

@@ -260,6 +260,7 @@ def test_a_gpt2_folder_goes_from_sweep_to_registry_to_serving(tmp_path):
     from pipelines.serving.spec import ServeSpec
     from workers.data.assets import resolve_model_path, tiny_config
     from workers.serving.engine import Engine, EngineConfig, Job
+    from workers.serving.artifacts import with_local_adapters
 
     folder = tmp_path / "tiny-gpt2"
     tok = tf.AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))   # a real tokenizer for the folder
@@ -279,6 +280,6 @@ def test_a_gpt2_folder_goes_from_sweep_to_registry_to_serving(tmp_path):
                                       "max_new_tokens": 8, "dtype": "float32"})
     resolved = resolve_model(serve)   # refused before: "adapts ... for classification"
     assert resolved.model == str(folder) and Path(resolved.adapter, "adapter_config.json").is_file()
-    engine = Engine(EngineConfig(**engine_config(serve, resolved)))
+    engine = Engine(EngineConfig(**with_local_adapters(engine_config(serve, resolved), tmp_path / "replica-cache")))
     [done] = engine.run([Job(engine.codec.encode("The hotel was"), 4)])
     assert done.completion_tokens == 4 or done.finish_reason == "stop"

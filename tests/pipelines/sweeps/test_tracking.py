@@ -143,6 +143,11 @@ def test_parent_run(sweep):
     assert (m["trials"], m["failed_trials"], m["finished_trials"]) == (5, 1, 4)
     assert m["trial_wall_s_total"] == pytest.approx(sum(t["final"]["wall_s"] for t in sweep["trials"][:4]))
     assert m["sweep_wall_s"] > 0
+    assert m["trials_per_min"] == pytest.approx(5 / (m["sweep_wall_s"] / 60), rel=1e-6)
+    # this process was the driver: its peak RSS then (torch and MLflow imported), no more than its peak now
+    from pipelines.sweeps.tracking import driver_peak_rss_mib
+
+    assert 100 <= m["driver_peak_rss_mib"] <= driver_peak_rss_mib()
 
 
 def test_child_runs(sweep):
