@@ -77,7 +77,38 @@ def run_in_ray(spec_dict: dict, spec_path: Path, workdir: Path) -> dict:
     (rec,) = out.records.values()
     if rec.status != "FINISHED":
         raise RuntimeError(f"the trial failed in Ray: {rec.error}")
-    return {**rec.final, "process_s": wall}
+    return {**rec.final, "process_s": wall, "phases": sweep_phases(out.times, rec)}
+
+
+# The sweep's wall time, piece by piece (they add up to it); "of which" rows lie inside the row above them.
+PHASES = {
+    "mlflow_and_ray_start": "MLflow parent run, Ray start",
+    "tune_schedules": "Tune starts the trial",
+    "startup": "start-up (direct: the process and its imports; sweep: Train controller, worker process and its "
+               "imports, process group)",
+    "loop": "the loop (`workers.training.loop.train`)",
+    "ray_report": "  of which `ray.train.report` (Ray persisting the checkpoints before the last)",
+    "after_loop": "after the loop: the last checkpoint persisted, Train and the trainable shut down",
+    "mlflow_trial": "MLflow: the trial's run, metrics and adapter",
+    "end": "end: summary, registry, parent run",
+}
+
+
+def sweep_phases(times: dict, rec) -> dict[str, float]:
+    """Seconds per phase of a one-trial sweep from the driver's timestamps (SweepOutcome.times, the trial's
+    TrialRecord: Tune's start, the loop's start as its worker reported it, Tune's end, MLflow's time)."""
+    loop = rec.final["wall_s"]
+    loop_end = rec.loop_started_at + loop
+    return {
+        "mlflow_and_ray_start": times["ray_ready"] - times["started"],
+        "tune_schedules": rec.started_at - times["ray_ready"],
+        "startup": rec.loop_started_at - rec.started_at,
+        "loop": loop,
+        "ray_report": rec.final.get("ray_report_s", 0.0),
+        "after_loop": rec.ended_at - loop_end,
+        "mlflow_trial": rec.logged_s,
+        "end": times["finished"] - rec.ended_at - rec.logged_s,
+    }
 
 
 def bench(spec_path: Path, trial_key: str | None = None, out_dir: Path = Path("bench-results")) -> dict:
@@ -102,6 +133,7 @@ def bench(spec_path: Path, trial_key: str | None = None, out_dir: Path = Path("b
     }
     report["ratios"] = {"loop": ray["wall_s"] / direct["wall_s"], "total": ray["process_s"] / direct["process_s"],
                         "outside_loop_s": ray["process_s"] - ray["wall_s"]}
+    report["phases"] = ray["phases"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "overhead.json").write_text(json.dumps(report, indent=1))
     (out_dir / "overhead.md").write_text(markdown(report))
@@ -122,7 +154,22 @@ def markdown(r: dict) -> str:
              f"{y['loop_s']:.1f}", f"{q['outside_loop_s']:.1f}", f"{y[metric]:.4f}"],
             ["ratio (sweep / direct)", f"{q['total']:.2f}x", f"{q['loop']:.2f}x", "", ""]]
     table = pd.DataFrame(rows, columns=["run", "wall s", "loop s", "outside the loop s", metric])
-    return f"Trial {r['trial']} ({r['steps']} steps)\n\n" + tables.markdown(table) + "\n"
+    text = f"Trial {r['trial']} ({r['steps']} steps)\n\n" + tables.markdown(table) + "\n"
+    if r.get("phases"):
+        text += "\nWhere the sweep's time goes (its phases add up to its wall time):\n\n" + \
+            tables.markdown(phase_table(r)) + "\n"
+    return text
+
+
+def phase_table(r: dict):
+    import pandas as pd
+
+    p, d = r["phases"], r["direct"]
+    direct = {"startup": d["process_s"] - d["loop_s"], "loop": d["loop_s"]}
+    rows = [[PHASES[k], f"{direct[k]:.1f}" if k in direct else "", f"{v:.1f}"] for k, v in p.items()]
+    total = sum(v for k, v in p.items() if not PHASES[k].startswith(" "))
+    rows.append(["total", f"{d['process_s']:.1f}", f"{total:.1f}"])
+    return pd.DataFrame(rows, columns=["phase", "direct s", "sweep s"])
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == DIRECT:

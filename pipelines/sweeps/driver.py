@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.ray_local import start_ray
+from workers.training.trial import LOOP_STARTED_KEY
 
 STATE_FILE = "sparta_sweep.json"   # beside Tune's state: the spec, the MLflow parent run, the tracking URI
 SPEC_COPY = "spec.yaml"            # the sweep's spec, kept in its storage: a resume (a later Ray Job) reads it there
+TRAIN_GAVE_UP = "sparta_train_failed.txt"   # in a trial's Ray Train run folder: its run failed for good
 DRIVER_CPU = 0.01                  # what a trial's Tune trainable holds besides its Ray Train workers
 
 
@@ -32,6 +34,11 @@ def run_trial(config: dict) -> None:
 
     from workers.training.trial import train_loop_per_worker
 
+    # Tune retries a trial whose trainable died (its node lost) or raised; one whose Ray Train run already
+    # failed for good (Train's own retries spent) is not trained again: the retry fails at once, as it did.
+    gave_up = Path(config["storage_path"]) / config["run_name"] / TRAIN_GAVE_UP
+    if gave_up.is_file():
+        raise RuntimeError(gave_up.read_text())
     res = config["resources"]
     gpus = res.get("gpus_per_worker", 0)
     cpus = res.get("cpus_per_worker", 1)
@@ -47,7 +54,12 @@ def run_trial(config: dict) -> None:
             failure_config=ray.train.FailureConfig(max_failures=config.get("max_failures", 1)),
             callbacks=[TuneReportCallback()]),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:
+        gave_up.parent.mkdir(parents=True, exist_ok=True)
+        gave_up.write_text(f"{type(e).__name__}: {e}")
+        raise
 
 
 def worker_config(config: dict) -> dict:
@@ -67,13 +79,21 @@ class TrialRecord:
     checkpoint: str | None = None
     run_id: str | None = None
     error: str | None = None          # the last line of a failed trial's error
+    # when things happened (epoch seconds, driver clock; the loop's start from its worker), for
+    # `sparta bench overhead`: Tune started the trial, the loop began, reports arrived, Tune ended it;
+    # and how long logging it to MLflow took
+    started_at: float | None = None
+    loop_started_at: float | None = None
+    report_times: list[float] = field(default_factory=list)
+    ended_at: float | None = None
+    logged_s: float | None = None
 
     @property
     def final(self) -> dict:
         return self.history[-1] if self.history else {}
 
 
-REPORT_KEYS_DROPPED = ("checkpoint_path", "config", "trial_id", "experiment_id", "date", "timestamp", "pid",
+REPORT_KEYS_DROPPED = ("checkpoint_path", LOOP_STARTED_KEY, "config", "trial_id", "experiment_id", "date", "timestamp", "pid",
                        "hostname", "node_ip", "time_this_iter_s", "time_total_s", "time_since_restore",
                        "iterations_since_restore", "training_iteration", "timesteps_total", "episodes_total",
                        "done", "should_checkpoint", "timesteps_since_restore")
@@ -180,11 +200,15 @@ def _callback(key: str):
                 on_progress(records)
 
             def on_trial_start(self, iteration, trials, trial, **info):
-                self._record(trial).status = "RUNNING"
+                rec = self._record(trial)
+                rec.status = "RUNNING"
+                rec.started_at = rec.started_at or time.time()
                 self._update()
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 rec = self._record(trial)
+                rec.report_times.append(time.time())
+                rec.loop_started_at = rec.loop_started_at or result.get(LOOP_STARTED_KEY)
                 rec.history.append(_metrics_of(result))
                 rec.checkpoint = result.get("checkpoint_path") or rec.checkpoint
                 self._update()
@@ -198,8 +222,10 @@ def _callback(key: str):
                     rec.checkpoint = trial.last_result.get("checkpoint_path") or rec.checkpoint
                 rec.history = with_checkpoint_history(rec.history, rec.checkpoint)
                 rec.status = status
+                rec.ended_at = time.time()
                 if rec.run_id is None:
                     _DRIVERS[self.key][1](rec)
+                    rec.logged_s = time.time() - rec.ended_at
                 self._update()
 
             def on_trial_complete(self, iteration, trials, trial, **info):
@@ -227,6 +253,8 @@ class SweepOutcome:
     registered: list
     wall_s: float
     pareto: object = None             # pandas DataFrame (pipelines.sweeps.pareto.pareto_table) with objectives
+    # epoch seconds: run_sweep called, Ray ready, Tune's fit returned, the sweep's MLflow run finished
+    times: dict = field(default_factory=dict)
 
 
 def sweep_storage(experiment: str, root: str | os.PathLike | None = None) -> Path:
@@ -265,6 +293,8 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
         state = json.loads(state_file.read_text())
         storage = Path(state["storage"])
         kept_spec = state.get("spec")
+        for gave_up in storage.glob(f"trials/*/{TRAIN_GAVE_UP}"):   # a resume gives failed trials another go
+            gave_up.unlink()
         tracker.reopen(state["parent_run_id"])
         for trial in tracker.trials:   # logged before the interruption: never redone
             rec = TrialRecord(trial["params"], [trial["final"]], trial.get("status", "FINISHED"),
@@ -288,8 +318,10 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
 
     key = str(storage)
     _DRIVERS[key] = (records, on_finished, on_progress)
+    times = {"started": t0}
     with tracker:
         start_ray(address, dashboard=True)   # the dashboard: Ray Jobs and the user's view
+        times["ray_ready"] = time.time()
         callback = _callback(key)   # also defines the class the pickled state refers to
         if resume:
             tuner = tune.Tuner.restore(str(storage / "tune"), trainable=_trainable(), resume_unfinished=True,
@@ -304,9 +336,11 @@ def run_sweep(spec, spec_path: str | os.PathLike | None = None, *, tracking_uri:
                                                          failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                                          callbacks=[callback]))
         tuner.fit()
+        times["fit_done"] = time.time()
         trials = [{"params": r.params, "history": r.history, "final": r.final, "status": r.status,
                    "run_id": r.run_id} for r in records.values()]
         result = tracker.finish(trials, objectives=[(o.metric, o.mode) for o in spec.objectives or []])
     _DRIVERS.pop(key, None)
+    times["finished"] = time.time()
     return SweepOutcome(spec.experiment, tracker.parent_run_id, storage, records, result.summary,
-                        result.registered, time.time() - t0, result.pareto)
+                        result.registered, times["finished"] - t0, result.pareto, times)

@@ -53,6 +53,14 @@ def test_tiny_sweep_end_to_end(tmp_path):
     out = run_sweep(spec, path, tracking_uri=uri, storage_root=tmp_path / "sweeps")
     assert sorted(out.records) == sorted(t["trial_key"] for t in spec.trials())
     assert all(r.status == "FINISHED" and [h["step"] for h in r.history] == [2, 4] for r in out.records.values())
+    # the timeline `sparta bench overhead` reads: in order, on one clock
+    t = out.times
+    assert t["started"] < t["ray_ready"] < t["fit_done"] <= t["finished"]
+    for r in out.records.values():
+        assert t["ray_ready"] < r.started_at < r.loop_started_at < r.report_times[0] < r.report_times[1] < r.ended_at
+        assert r.ended_at + r.logged_s <= t["fit_done"] and r.logged_s > 0
+        assert 0 < r.final["ray_report_s"] < r.final["wall_s"]   # the step-2 report's, inside the loop
+        assert "loop_started_at" not in r.final   # a timestamp, not a metric
     client, runs = child_runs(uri, spec.experiment)
     assert len(runs) == 4
     for run in runs:   # params, per-step metrics and the adapter of every trial
@@ -181,6 +189,27 @@ def test_a_trial_that_keeps_failing_is_recorded_as_failed_with_its_error(tmp_pat
     assert runs[0].data.tags["sparta.error"] == rec.error
     (parent,) = client.search_runs([runs[0].info.experiment_id], "tags.`sparta.role` = 'sweep'")
     assert parent.data.metrics["failed_trials"] == 1 and not out.registered
+
+
+def test_a_trial_whose_training_failed_for_good_is_not_trained_again_by_tunes_retry(tmp_path):
+    from pipelines.sweeps.driver import TRAIN_GAVE_UP
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = spec_file(tmp_path, methods=["cla"], seeds=[0], experiment="sweep-gave-up", max_failures=1,
+                     train={"steps": 6, "batch_size": 4, "max_length": 32, "eval_every": 2, "eval_examples": 4})
+    # the crash marker's folder does not exist: every attempt raises at its first report (after its checkpoint)
+    out = run_sweep(load_spec(path), path, tracking_uri=uri, storage_root=tmp_path / "sweeps",
+                    _fault={"_crash_at_step": 2, "_crash_marker": str(tmp_path / "missing" / "crashed.json")})
+    (rec,) = out.records.values()
+    assert rec.status == "FAILED" and "crashed.json" in rec.error, rec.error
+    (run,) = (tmp_path / "sweeps").glob("sweep-gave-up/*/trials/trial-*")
+    assert "FileNotFoundError" in (run / TRAIN_GAVE_UP).read_text()
+    # Ray Train's two attempts (max_failures 1) made one checkpoint each (step 2, then 4 resumed from it);
+    # Tune's retry of the trial (max_failures 1 too) trained nothing: no step-6 checkpoint, no third attempt
+    steps = sorted(json.loads(f.read_text())["step"] for f in run.glob("checkpoint_*/trainer_state.json"))
+    assert steps == [2, 4]
+    _, runs = child_runs(uri, "sweep-gave-up")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_asha_stops_weak_trials_early_and_lets_the_best_run_every_evaluation(tmp_path):
