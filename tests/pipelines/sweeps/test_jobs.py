@@ -95,6 +95,14 @@ def stop(proc: subprocess.Popen) -> None:
         p.kill()
 
 
+def process_name(p: psutil.Process) -> str | None:
+    """Its name, or None for a process that has just exited (a node starts and ends workers all the time)."""
+    try:
+        return p.name()
+    except psutil.NoSuchProcess:
+        return None
+
+
 class LoopbackCluster:
     """Ray nodes started with `ray start --block` in a loopback namespace, each with its own temp dir (as on
     separate machines: a shared one lets a node's runtime-env agent delete the other's unpacked working
@@ -148,7 +156,7 @@ class LoopbackCluster:
         """Lose a node as a machine is lost: SIGKILL its raylet by PID. Its other processes (the `ray start`,
         agents, workers) are left to notice; whatever of them is still alive is killed at close."""
         family = psutil.Process(node.pid).children(recursive=True)
-        (raylet,) = [p for p in family if p.name() == "raylet"]
+        (raylet,) = [p for p in family if process_name(p) == "raylet"]
         self.orphans += [p for p in family if p is not raylet]
         raylet.kill()
         self.nodes.remove(node)
@@ -328,28 +336,42 @@ def checkpoints(storage: Path, experiment: str) -> dict[str, dict[str, int]]:
     return found
 
 
-def wait_for_checkpoints(c: LoopbackCluster, job: str, storage: Path, experiment: str, timeout: float = 600):
-    """Until both trials have two checkpoints (the older one surely recorded by Ray Train: a fault may land
-    while the newest is being handed over), and neither its last; returns them."""
+def recorded_checkpoints(storage: Path, experiment: str) -> dict[str, str | None]:
+    """Per trial, the checkpoint folder Ray Train last recorded as the run's latest: what a restarted trial
+    resumes from. Read from Ray Train's own snapshot beside the checkpoints (a Ray 2.60 file: if its name
+    or fields change, this fails loudly). A checkpoint can be on disk before it is recorded there, and a
+    fault in between resumes from the one before."""
+    found: dict[str, str | None] = {}
+    for snapshot in storage.glob(f"{experiment}/*/trials/trial-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):   # being written
+            continue
+        found[snapshot.parent.name] = latest.get("checkpoint_dir_name")
+    return found
+
+
+def wait_for_checkpoints(c: LoopbackCluster, job: str, storage: Path, experiment: str, timeout: float = 600) -> None:
+    """Until Ray Train has recorded a checkpoint of both trials, and neither its last."""
     deadline = time.time() + timeout
-    while not ((got := checkpoints(storage, experiment)) and len(got) == 2 and all(len(v) >= 2 for v in got.values())):
+    while not ((got := recorded_checkpoints(storage, experiment)) and len(got) == 2 and all(got.values())):
         assert time.time() < deadline, sparta(c, "logs", job, "--address", ADDRESS).stdout[-3000:]
         time.sleep(0.5)
-    assert all(max(v.values()) < FAULT_STEPS for v in got.values()), f"a trial ended before the fault: {got}"
-    return got
+    steps = checkpoints(storage, experiment)
+    assert all(max(v.values()) < FAULT_STEPS for v in steps.values()), f"a trial ended before the fault: {steps}"
 
 
-def assert_resumed_from_last_checkpoint(before: dict, after: dict) -> None:
-    """Each trial's checkpoints made after the fault go on from its last checkpoint before it (or the one
-    before that, when the last was still being handed over): to the end, none skipped. A restart from
-    scratch would make step FAULT_EVERY's again."""
-    assert sorted(after) == sorted(before)
+def assert_resumed_from_last_checkpoint(before: dict, recorded: dict, after: dict) -> None:
+    """Each trial's checkpoints made after the fault go on from the last checkpoint Ray Train had recorded
+    before it (`recorded`, read once the fault had stopped everything), to the end, none skipped. A
+    restart from scratch would make step FAULT_EVERY's again."""
+    assert sorted(after) == sorted(before) == sorted(recorded)
     for trial, made in after.items():
-        old = before[trial]
-        new = sorted(step for name, step in made.items() if name not in old)
-        resumed_from = new[0] - FAULT_EVERY
-        assert new == list(range(new[0], FAULT_STEPS + 1, FAULT_EVERY)), (trial, old, new)
-        assert resumed_from in old.values() and resumed_from >= max(old.values()) - FAULT_EVERY, (trial, old, new)
+        resumed_from = before[trial][recorded[trial]]
+        new = sorted(step for name, step in made.items() if name not in before[trial])
+        assert resumed_from >= FAULT_EVERY, (trial, before[trial])
+        assert new == list(range(resumed_from + FAULT_EVERY, FAULT_STEPS + 1, FAULT_EVERY)), \
+            (trial, before, recorded, new)
 
 
 def test_a_sweep_on_a_two_node_cluster_survives_losing_its_worker_node(cluster, tracking_server, shared, tmp_path):
@@ -368,7 +390,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_losing_its_worker_node(cluster, 
     wait_for_checkpoints(cluster, job, storage, "sweep-cluster")
     (worker,) = cluster.live()[1:]
     cluster.kill_raylet(worker)   # returns once the cluster has marked the node dead
-    before = checkpoints(storage, "sweep-cluster")
+    before, recorded = checkpoints(storage, "sweep-cluster"), recorded_checkpoints(storage, "sweep-cluster")
     cluster.add_worker()
     new_id = next(n["id"] for n in wait_for_nodes(cluster, 2) if not n["head"])
     assert new_id != lost_id
@@ -384,7 +406,7 @@ def test_a_sweep_on_a_two_node_cluster_survives_losing_its_worker_node(cluster, 
     assert all(t["status"] == "FINISHED" and "final/test_accuracy" in t["metrics"] for t in trials)
     assert got["parent"]["status"] == "FINISHED" and got["parent"]["trials"] == 2
     # Tune restarted each trial (its trainable died with the node) and Ray Train went on from its last checkpoint ...
-    assert_resumed_from_last_checkpoint(before, checkpoints(storage, "sweep-cluster"))
+    assert_resumed_from_last_checkpoint(before, recorded, checkpoints(storage, "sweep-cluster"))
     for t in trials:
         # ... every evaluation in MLflow once (one in flight when the node died comes from the checkpoint) ...
         assert t["steps"] == EVERY_STEP, t
@@ -425,7 +447,7 @@ def test_a_driver_killed_mid_sweep_resumes_as_a_ray_job(cluster, tracking_server
                                    f"print(json.dumps(JobSubmissionClient({ADDRESS!r}).get_job_info({job!r}).driver_info.pid))")
     os.kill(int(driver), signal.SIGKILL)   # the driver process (same PID namespace), as a lost head process
     assert sparta(cluster, "status", job, "--address", ADDRESS, "--wait").stdout.strip() == "FAILED"
-    before = checkpoints(storage, "sweep-driver-lost")
+    before, recorded = checkpoints(storage, "sweep-driver-lost"), recorded_checkpoints(storage, "sweep-driver-lost")
 
     # the state lies in the shared storage; the tracking URI is the one the sweep recorded there
     resumed = job_of(sparta(cluster, "resume", "sweep-driver-lost", "--address", ADDRESS, "--storage", str(storage)))
@@ -436,7 +458,7 @@ def test_a_driver_killed_mid_sweep_resumes_as_a_ray_job(cluster, tracking_server
     assert got["parents"] == [{"status": "FINISHED", "trials": 2}]   # the sweep's one parent run, finished
     # each trial went on from its last checkpoint, and MLflow has every evaluation once (those before the
     # kill from the checkpoint's record of the run)
-    assert_resumed_from_last_checkpoint(before, checkpoints(storage, "sweep-driver-lost"))
+    assert_resumed_from_last_checkpoint(before, recorded, checkpoints(storage, "sweep-driver-lost"))
     assert [t["steps"] for t in got["trials"]] == [EVERY_STEP, EVERY_STEP]
 
 
