@@ -40,10 +40,9 @@ class ResolvedModel:
 
 
 def _fresh_dir(uri: str) -> Path:
-    from workers.data.assets import cache_dir
+    from workers.data.assets import cache_dir, path_safe
 
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in uri)
-    path = cache_dir() / "serve" / "registry" / safe
+    path = cache_dir() / "serve" / "registry" / path_safe(uri)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path

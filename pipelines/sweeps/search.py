@@ -22,7 +22,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 def train_run_name(trial_key: str) -> str:
     """The trial's Ray Train run: its folder under the sweep's `trials/` (checkpoints), the same on a restart."""
-    return "trial-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in trial_key)
+    from workers.data.assets import path_safe
+
+    return "trial-" + path_safe(trial_key)
 
 
 def trial_entry(spec, trial: dict, storage, extra_train: dict | None = None) -> dict:

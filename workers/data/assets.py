@@ -23,6 +23,11 @@ EXPORT_VERSION = 3
 _EXPORT_MARKER = "sparta_export.json"
 
 
+def path_safe(text: str) -> str:
+    """`text` as one file or folder name: letters, digits, '-', '_' and '.' kept, anything else '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def cache_dir() -> Path:
     """Where sparta keeps downloads and exported models: $SPARTA_CACHE or ~/.cache/sparta."""
     path = Path(os.environ.get("SPARTA_CACHE") or Path.home() / ".cache" / "sparta").expanduser()

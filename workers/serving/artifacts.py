@@ -28,10 +28,9 @@ def is_ref(value) -> bool:
 
 
 def cached_folder(artifact_uri: str, root: Path | None = None) -> Path:
-    from workers.data.assets import cache_dir
+    from workers.data.assets import cache_dir, path_safe
 
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in artifact_uri)
-    return (root or cache_dir() / "serve" / "artifacts") / safe
+    return (root or cache_dir() / "serve" / "artifacts") / path_safe(artifact_uri)
 
 
 def local_adapter(value, root: Path | None = None) -> str | None:
